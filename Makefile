@@ -1,0 +1,31 @@
+# Set-up, tests and the main job. `make install` is idempotent and safe on a fresh machine:
+# it installs the CPU build of torch first (pinned; an unpinned torch pulls a multi-GB CUDA
+# build), then the project with its dev extras.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+TORCH_SPEC ?= torch==2.13.0
+STAMP := .install.stamp
+
+.PHONY: install test test-fast demo demo-quick clean
+
+$(STAMP): pyproject.toml
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q --timeout=1800
+
+test-fast: $(STAMP)
+	$(PYTHON) -m pytest -q -m "not slow" --timeout=600
+
+demo: $(STAMP)
+	t2i-recap demo --out runs/demo
+
+demo-quick: $(STAMP)
+	t2i-recap demo --out runs/demo-quick --quick
+
+clean:
+	rm -rf $(STAMP) build dist *.egg-info

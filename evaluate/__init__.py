@@ -1,0 +1,1 @@
+"""Evaluation: prompt suites, generation, metrics, reports (installed as t2i_recap.evaluate)."""

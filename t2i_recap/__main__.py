@@ -1,0 +1,4 @@
+from t2i_recap.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

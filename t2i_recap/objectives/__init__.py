@@ -1,0 +1,1 @@
+"""Diffusion objectives, one file each: each has loss() and sample()."""
