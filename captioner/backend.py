@@ -1,0 +1,193 @@
+"""Captioning backends. The boundary is small on purpose: images + prompt texts in, `Generation`s out.
+
+`TransformersBackend` runs any image-text-to-text model transformers loads (LLaVA-1.5/NeXT,
+Idefics3/SmolVLM, Qwen2-VL, converted original-LLaVA checkpoints, ...) through its processor and
+chat template. A vLLM or SGLang backend only has to implement `CaptionBackend` and be added to
+`BACKENDS`; readers, prompts and the sidecar writer do not change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Protocol
+
+import torch
+from PIL import Image
+
+from t2i_recap.logging_utils import get_logger
+
+log = get_logger(__name__)
+
+# VQAScore (Lin et al. 2024) reads P("Yes") at the first answer token.
+YES_VARIANTS = ("Yes", " Yes")
+
+
+@dataclasses.dataclass
+class Generation:
+    text: str
+    finish_reason: Literal["stop", "length"]  # "length": hit max_new_tokens before an end token
+    num_tokens: int  # generated tokens, the end token not counted
+
+
+class CaptionBackend(Protocol):
+    """What the captioning loop needs from an engine."""
+
+    def caption(self, images: list[Image.Image], prompts: list[str], max_new_tokens: int = 128) -> list[Generation]: ...
+
+    def describe(self) -> dict: ...
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None/"auto": bf16 on a GPU that supports it (the paper's setting), else fp32 (CPU bf16 is slow)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16 if device.type == "cuda" else torch.float32
+    names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+             "float32": torch.float32, "fp32": torch.float32}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(names)}")
+    return names[dtype]
+
+
+def default_device(local_rank: int | None = None) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank or 0)
+    return torch.device("cpu")
+
+
+def _load_model(model: str, dtype: torch.dtype, attn: str | None, trust_remote_code: bool):
+    import transformers
+
+    classes = [transformers.AutoModelForImageTextToText]
+    # Older or remote-code checkpoints register under these instead.
+    for name in ("AutoModelForVision2Seq", "AutoModelForCausalLM"):
+        if hasattr(transformers, name):
+            classes.append(getattr(transformers, name))
+    errors = []
+    for cls in classes:
+        kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+        try:
+            try:
+                return cls.from_pretrained(model, attn_implementation=attn, **kwargs)
+            except (ValueError, ImportError) as exc:
+                if attn is None or "attn" not in str(exc).lower() and "sdpa" not in str(exc).lower():
+                    raise
+                log.warning("%s: %s attention unavailable (%s); using the model's default", model, attn, exc)
+                return cls.from_pretrained(model, **kwargs)
+        except ValueError as exc:  # "Unrecognized configuration class ... for this kind of AutoModel"
+            errors.append(f"{cls.__name__}: {exc}")
+    raise ValueError(f"{model}: no transformers auto class loads this model as image-text-to-text:\n" + "\n".join(errors))
+
+
+class TransformersBackend:
+    """Batched greedy captioning with a transformers vision-language model.
+
+    Left padding (REFERENCE.md section 3: right padding silently degrades batched output), the
+    processor's own chat template, bf16 + SDPA on GPU.
+    """
+
+    name = "transformers"
+
+    def __init__(self, model: str, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                 trust_remote_code: bool = False, attn_implementation: str | None = "sdpa") -> None:
+        from transformers import AutoProcessor
+
+        self.model_id = str(model)
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.processor = AutoProcessor.from_pretrained(self.model_id, trust_remote_code=trust_remote_code)
+        if getattr(self.processor, "chat_template", None) is None:
+            raise ValueError(f"{self.model_id}: the processor has no chat template; add one (chat_template.jinja)")
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:  # LLaMA-3 ships without one; masked positions never matter
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = _load_model(self.model_id, self.dtype, attn_implementation, trust_remote_code)
+        self.model.to(self.device).eval()
+        self.stop_ids = self._stop_ids()
+        log.info("loaded %s (%s) on %s as %s", self.model_id, type(self.model).__name__, self.device, self.dtype)
+
+    def _stop_ids(self) -> set[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        if not ids:
+            raise ValueError(f"{self.model_id}: neither the generation config nor the tokenizer names an end token")
+        return set(ids)
+
+    def describe(self) -> dict:
+        cfg = self.model.config
+        return {
+            "backend": self.name,
+            "model": self.model_id,
+            "model_class": type(self.model).__name__,
+            "model_type": getattr(cfg, "model_type", None),
+            "commit_hash": getattr(cfg, "_commit_hash", None),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "attn_implementation": getattr(cfg, "_attn_implementation", None),
+        }
+
+    def _inputs(self, images: list[Image.Image], prompts: list[str]) -> dict:
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        conversations = [
+            [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": text}]}]
+            for img, text in zip(images, prompts)
+        ]
+        inputs = self.processor.apply_chat_template(
+            conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
+            processor_kwargs={"padding": True, "padding_side": "left", "return_tensors": "pt"},
+        )
+        return {k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+
+    @torch.inference_mode()
+    def caption(self, images: list[Image.Image], prompts: list[str], max_new_tokens: int = 128) -> list[Generation]:
+        """Greedy decoding, at most `max_new_tokens` new tokens per image (the paper: 128)."""
+        if not images:
+            return []
+        inputs = self._inputs(images, prompts)
+        out = self.model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=sorted(self.stop_ids),
+        )
+        new_tokens = out[:, inputs["input_ids"].shape[1]:].tolist()
+        return [self._generation(row, max_new_tokens) for row in new_tokens]
+
+    def _generation(self, row: list[int], max_new_tokens: int) -> Generation:
+        end = next((i for i, t in enumerate(row) if t in self.stop_ids), None)
+        tokens = row if end is None else row[:end]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        reason = "stop" if end is not None or len(row) < max_new_tokens else "length"
+        return Generation(text=text, finish_reason=reason, num_tokens=len(tokens))
+
+    def yes_token_ids(self) -> list[int]:
+        ids = []
+        for word in YES_VARIANTS:
+            encoded = self.tokenizer.encode(word, add_special_tokens=False)
+            if encoded and encoded[0] not in ids:
+                ids.append(encoded[0])
+        return ids
+
+    @torch.inference_mode()
+    def yes_probability(self, images: list[Image.Image], questions: list[str]) -> list[float]:
+        """VQAScore: P("Yes") (any spelling in YES_VARIANTS) as the first answer token."""
+        if not images:
+            return []
+        inputs = self._inputs(images, questions)
+        logits = self.model(**inputs).logits[:, -1, :].float()  # left padding: the last position is real
+        probs = torch.softmax(logits, dim=-1)[:, self.yes_token_ids()].sum(dim=-1)
+        return probs.tolist()
+
+
+BACKENDS = {"transformers": TransformersBackend}
+
+
+def make_backend(name: str, model: str, **kwargs) -> CaptionBackend:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown captioning backend {name!r}; available: {sorted(BACKENDS)}")
+    return BACKENDS[name](model, **kwargs)
