@@ -1,0 +1,279 @@
+"""Features for training: VAE latents (or moments) and text embeddings of BOTH captions, plus the cache.
+
+`FeatureEncoder` turns a batch of images + captions into features; training on the fly and
+`t2i-recap prepare` use the same code, and the on-the-fly path rounds features to the cache's
+storage dtype, so a run from the cache and a run on the fly see the same numbers.
+
+The cache holds one safetensors file per input shard (rows in shard order, keyed by sample key in
+the file's metadata) plus `empty.safetensors` (the empty caption, for CFG dropout). Every file
+records the fingerprint it was built with (encoder identities, resolution, dtype, token length,
+caption fields) and the input shard's size and mtime (and its sidecar's). A file whose fingerprint
+or input changed is stale and is rebuilt, never reused (REFERENCE.md section 4). Mixing and CFG
+dropout are applied at train time, never baked in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+from diffusers import AutoencoderKL
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from t2i_recap.data import DataConfig, Record, Skip, collate
+from t2i_recap.io import atomic_path
+from t2i_recap.logging_utils import get_logger
+from t2i_recap.text_encoders import DTYPES, TextEncoder, TextEncoderConfig, model_identity
+
+log = get_logger(__name__)
+CACHE_VERSION = 1
+CAPTIONS = ("original", "recaption")
+
+
+@dataclasses.dataclass
+class FeaturesConfig:
+    vae: str = "stabilityai/sd-vae-ft-ema"
+    """Hub id or local folder of the AutoencoderKL (its config's scaling_factor is used)."""
+    vae_subfolder: str = ""
+    """Subfolder of the VAE inside `vae` (e.g. "vae" in a pipeline repo)."""
+    vae_revision: str | None = None
+    """Hub revision of the VAE."""
+    vae_dtype: str = "float32"
+    """dtype the VAE runs in."""
+    latents: Literal["moments", "mean"] = "moments"
+    """Store the posterior's mean and log-variance (sampled anew each step, as PixArt) or its mean only."""
+    dtype: str = "float16"
+    """Storage dtype of cached features (the on-the-fly path rounds to it too)."""
+    cache_dir: str | None = None
+    """Feature cache folder; set = train from the cache (stale or missing shards are rebuilt first)."""
+    encode_batch_size: int = 64
+    """Images per encoder batch in `prepare`."""
+
+    def __post_init__(self) -> None:
+        for name in ("vae_dtype", "dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name} must be one of {list(DTYPES)}, got {getattr(self, name)!r}")
+        if self.encode_batch_size < 1:
+            raise ValueError("encode_batch_size must be >= 1")
+
+
+class FeatureEncoder:
+    """The frozen VAE and text encoder, loaded once per process."""
+
+    def __init__(self, cfg: FeaturesConfig, text_cfg: TextEncoderConfig, device: torch.device | str = "cpu") -> None:
+        self.cfg = cfg
+        kw = {"revision": cfg.vae_revision} if cfg.vae_revision else {}
+        sub = {"subfolder": cfg.vae_subfolder} if cfg.vae_subfolder else {}
+        self.vae = AutoencoderKL.from_pretrained(cfg.vae, torch_dtype=DTYPES[cfg.vae_dtype], **sub, **kw).to(device).eval()
+        self.vae.requires_grad_(False)
+        self.text = TextEncoder(text_cfg, device)
+        self.store_dtype = DTYPES[cfg.dtype]
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.vae.device
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def fingerprint(self, data: DataConfig) -> dict:
+        return {
+            "version": CACHE_VERSION,
+            "vae": model_identity(self.cfg.vae, self.cfg.vae_subfolder, self.cfg.vae_revision),
+            "vae_dtype": self.cfg.vae_dtype,
+            "latents": self.cfg.latents,
+            "dtype": self.cfg.dtype,
+            "text_encoder": self.text.identity(),
+            "resolution": data.resolution,
+            "captions": {"original": data.original_caption, "recaption": data.recaption},
+            "image_extensions": data.image_extensions,
+        }
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+        out = {"mean": dist.mean}
+        if self.cfg.latents == "moments":
+            out["logvar"] = dist.logvar
+        return {k: v.to(self.store_dtype).cpu() for k, v in out.items()}
+
+    def encode_captions(self, texts: list[str | None], name: str) -> dict[str, torch.Tensor]:
+        emb, mask, truncated = self.text.encode([t or "" for t in texts])
+        has = torch.tensor([t is not None for t in texts])
+        emb = emb.to(self.store_dtype).cpu() * has.view(-1, 1, 1)  # missing captions store zeros
+        return {f"{name}_emb": emb, f"{name}_mask": mask.to(torch.uint8).cpu() * has.view(-1, 1),
+                f"{name}_truncated": truncated & has, f"has_{name}": has}
+
+    def encode_batch(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Features of a decoded batch (pixels + both captions), as the cache stores them."""
+        out = self.encode_images(batch["pixels"])
+        for name in CAPTIONS:
+            out.update(self.encode_captions(batch[name], name))
+        return out
+
+    def empty(self) -> dict[str, torch.Tensor]:
+        emb, mask, _ = self.text.encode([""])
+        return {"emb": emb.to(self.store_dtype).cpu(), "mask": mask.to(torch.uint8).cpu()}
+
+
+def latents_from(features: dict, generator: torch.Generator, scaling: float, shift: float = 0.0) -> torch.Tensor:
+    """Scaled latents x0 from cached moments (sampled, like VAE training saw) or the stored mean."""
+    mean = features["mean"].float()
+    if "logvar" in features:
+        std = torch.exp(0.5 * features["logvar"].float().clamp(-30.0, 20.0))
+        mean = mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)
+    return (mean - shift) * scaling
+
+
+def fingerprint_hash(fp: dict) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _shard_file(cache_dir: Path, shard: str) -> Path:
+    return cache_dir / (shard.split(".")[0] + ".safetensors")
+
+
+def shard_is_fresh(path: Path, fp_hash: str, stat: dict) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - a damaged file is simply stale
+        return False
+    return meta.get("fingerprint") == fp_hash and meta.get("source") == json.dumps(stat, sort_keys=True)
+
+
+def _batches(source, index: int, size: int, stats: dict) -> Iterator[dict]:
+    chunk = []
+    for rec in source.records(index):
+        ex = source.decode(rec)
+        if isinstance(ex, Skip):
+            log.warning("cache: skipping sample %s of %s: %s", ex.key, ex.shard, ex.reason)
+            stats["skipped"] += 1
+            continue
+        chunk.append(ex)
+        if len(chunk) == size:
+            yield collate(chunk)
+            chunk = []
+    if chunk:
+        yield collate(chunk)
+
+
+def build_shard(encoder: FeatureEncoder, source, index: int, path: Path, fp_hash: str) -> dict:
+    """Encode one input shard and write its cache file atomically; returns its counts."""
+    stats = {"rows": 0, "skipped": 0, "original_truncated": 0, "recaption_truncated": 0}
+    keys: list[str] = []
+    parts: list[dict] = []
+    for batch in _batches(source, index, encoder.cfg.encode_batch_size, stats):
+        feats = encoder.encode_batch(batch)
+        keys.extend(batch["key"])
+        parts.append(feats)
+        for name in CAPTIONS:
+            stats[f"{name}_truncated"] += int(feats[f"{name}_truncated"].sum())
+    stats["rows"] = len(keys)
+    if not parts:
+        raise RuntimeError(f"shard {source.shards[index]} has no usable samples; cannot cache it")
+    tensors = {k: torch.cat([p[k] for p in parts]).contiguous() for k in parts[0]}
+    tensors = {k: (v.to(torch.uint8) if v.dtype == torch.bool else v) for k, v in tensors.items()}
+    meta = {"fingerprint": fp_hash, "source": json.dumps(source.shard_stat(index), sort_keys=True),
+            "keys": json.dumps(keys), "stats": json.dumps(stats)}
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return stats
+
+
+def write_fingerprint(encoder: FeatureEncoder, data: DataConfig, cache_dir: Path) -> str:
+    """Write fingerprint.json and empty.safetensors (rewritten when the fingerprint changes)."""
+    fp = encoder.fingerprint(data)
+    fp_hash = fingerprint_hash(fp)
+    fp_file = cache_dir / "fingerprint.json"
+    if fp_file.is_file():
+        old = json.loads(fp_file.read_text())
+        if old.get("hash") != fp_hash:
+            log.warning("feature cache %s was built with a different fingerprint; every shard will be rebuilt "
+                        "(old %s, new %s)", cache_dir, old.get("hash"), fp_hash)
+    empty = encoder.empty()
+    with atomic_path(cache_dir / "empty.safetensors", suffix=".safetensors") as tmp:
+        save_file(empty, str(tmp), metadata={"fingerprint": fp_hash})
+    with atomic_path(fp_file) as tmp:
+        tmp.write_text(json.dumps({"hash": fp_hash, "fingerprint": fp}, indent=2, sort_keys=True))
+    return fp_hash
+
+
+def prepare_cache(encoder: FeatureEncoder, source, data: DataConfig, cache_dir: str | Path, *,
+                  rank: int = 0, world: int = 1, fp_hash: str | None = None) -> dict:
+    """Build the missing or stale shard files of this rank (shards[rank::world]); returns a summary."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fp_hash = fp_hash or fingerprint_hash(encoder.fingerprint(data))
+    summary = {"built": 0, "fresh": 0, "rows": 0, "skipped": 0}
+    mine = list(range(len(source.shards)))[rank::world]
+    for i in tqdm(mine, desc="prepare", unit="shard", disable=rank != 0):
+        path = _shard_file(cache_dir, source.shards[i])
+        if shard_is_fresh(path, fp_hash, source.shard_stat(i)):
+            summary["fresh"] += 1
+            continue
+        if path.exists():
+            log.info("cache shard %s is stale; rebuilding", path.name)
+        stats = build_shard(encoder, source, i, path, fp_hash)
+        summary["built"] += 1
+        summary["rows"] += stats["rows"]
+        summary["skipped"] += stats["skipped"]
+    return summary
+
+
+class CacheSource:
+    """Cached features as a data source with the same shard names and record order as the raw source."""
+
+    def __init__(self, cache_dir: str | Path, shards: list[str], fp_hash: str) -> None:
+        self.dir = Path(cache_dir)
+        self.shards = list(shards)
+        self.fp_hash = fp_hash
+        self.files = [_shard_file(self.dir, s) for s in self.shards]
+        self._keys: dict[int, list[str]] = {}
+        self._handles: dict[int, object] = {}
+        for f in self.files:
+            with safe_open(str(f), "pt") as h:
+                if (h.metadata() or {}).get("fingerprint") != fp_hash:
+                    raise RuntimeError(f"cache file {f} does not match the current fingerprint; run t2i-recap prepare")
+
+    def keys(self, index: int) -> list[str]:
+        if index not in self._keys:
+            with safe_open(str(self.files[index]), "pt") as h:
+                self._keys[index] = json.loads(h.metadata()["keys"])
+        return self._keys[index]
+
+    def records(self, index: int) -> Iterator[Record]:
+        for row, key in enumerate(self.keys(index)):
+            yield Record(self.shards[index], key, (index, row))
+
+    def decode(self, rec: Record) -> dict:
+        index, row = rec.payload
+        if index not in self._handles:  # opened lazily, per process (DataLoader workers)
+            self._handles[index] = safe_open(str(self.files[index]), "pt")
+        h = self._handles[index]
+        out = {name: h.get_slice(name)[row:row + 1][0] for name in h.keys()}
+        for name in CAPTIONS:
+            out[f"has_{name}"] = out[f"has_{name}"].bool()
+            out[f"{name}_truncated"] = out[f"{name}_truncated"].bool()
+        out["key"] = rec.key
+        return out
+
+
+def load_empty(cache_dir: str | Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(Path(cache_dir) / "empty.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}

@@ -1,0 +1,362 @@
+"""Training data: img2dataset webdataset shards or HF datasets, with captions joined from anywhere.
+
+Captions are named by a *field spec*, so any layout trains without conversion:
+  "txt"               the `<key>.txt` tar member (any member extension works, e.g. "caption")
+  "json:org_caption"  a field of the `<key>.json` member
+  "sidecar:re_caption" a column of the recaption sidecar `<recaption_dir>/<shard stem>.parquet`,
+                      joined by key; rows whose status is not "success" have no recaption
+  "column:text"       a column of an HF dataset
+The official Recap-DataComp-1B download (img2dataset with --caption_col re_caption) trains with
+original_caption="json:org_caption", recaption="txt".
+
+Order is deterministic and resumable: every epoch the shards are shuffled with (seed, epoch), split
+over ranks (by shard, or by sample when there are fewer shards than ranks), and passed through a
+seeded shuffle buffer. A batch carries the cursor (epoch, offset) of the record after it; restarting
+the stream at a saved cursor gives exactly the batches an uninterrupted run would have seen.
+DataLoader workers take whole batches in turn (batch b -> worker b % num_workers), so the batch
+order does not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import itertools
+import json
+import random
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from t2i_recap.io import expand_shards
+from t2i_recap.logging_utils import get_logger
+from t2i_recap.shards import iter_tar_samples
+
+log = get_logger(__name__)
+
+_SPEC_KINDS = ("json", "sidecar", "column")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    shards: str | None = None
+    """img2dataset webdataset shards: a folder, glob or brace pattern (data/{00000..00099}.tar)."""
+    recaption_dir: str | None = None
+    """Folder of recaption sidecars, one `<shard stem>.parquet` per input shard (needed for sidecar: specs)."""
+    hf_dataset: str | None = None
+    """Instead of shards: an HF dataset (hub name, loader name, or a save_to_disk folder)."""
+    hf_data_files: list[str] = dataclasses.field(default_factory=list)
+    """data_files for load_dataset (e.g. parquet files), when hf_dataset is a loader name."""
+    hf_split: str = "train"
+    """Split of the HF dataset."""
+    hf_image_column: str = "image"
+    """HF dataset column holding the image (PIL image, {"bytes": ...} or raw bytes)."""
+    hf_key_column: str | None = None
+    """HF dataset column with sample keys; None = the row index."""
+    hf_rows_per_shard: int = 10000
+    """HF datasets are cut into virtual shards of this many rows (for shuffling, ranks and the cache)."""
+    original_caption: str = "txt"
+    """Field spec of the ORIGINAL (web) caption (see module doc)."""
+    recaption: str = "sidecar:re_caption"
+    """Field spec of the recaption."""
+    image_extensions: list[str] = dataclasses.field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    """Tar member extensions tried, in order, for the image."""
+    resolution: int = 256
+    """Training resolution: shorter side resized to it, then centre-cropped square."""
+    random_flip: bool = False
+    """Horizontal flips; off by default because captions say "left" and "right"."""
+    shuffle_buffer: int = 1000
+    """Records held in the shuffle buffer (per rank)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank for decoding."""
+
+    def __post_init__(self) -> None:
+        if self.shards and self.hf_dataset:
+            raise ValueError("set either data.shards or data.hf_dataset, not both")
+        for name in ("original_caption", "recaption"):
+            parse_spec(getattr(self, name), f"data.{name}")
+        if self.resolution < 8:
+            raise ValueError(f"resolution must be >= 8, got {self.resolution}")
+        if self.shuffle_buffer < 1 or self.hf_rows_per_shard < 1 or self.num_workers < 0:
+            raise ValueError("shuffle_buffer and hf_rows_per_shard must be >= 1, num_workers >= 0")
+
+    def uses_sidecar(self) -> bool:
+        return any(parse_spec(s)[0] == "sidecar" for s in (self.original_caption, self.recaption))
+
+
+def parse_spec(spec: str, where: str = "caption spec") -> tuple[str, str]:
+    """"json:org_caption" -> ("json", "org_caption"); "txt" -> ("member", "txt")."""
+    if ":" not in spec:
+        if not spec or not spec.replace("_", "").isalnum():
+            raise ValueError(f"{where}: {spec!r} is not a tar member extension or kind:name spec")
+        return "member", spec.lower()
+    kind, name = spec.split(":", 1)
+    if kind not in _SPEC_KINDS or not name:
+        raise ValueError(f"{where}: {spec!r} must be EXT, json:FIELD, sidecar:COLUMN or column:NAME")
+    return kind, name
+
+
+def _clean(text: Any) -> str | None:
+    """A usable caption or None (missing, null, empty, not a string)."""
+    if not isinstance(text, str):
+        return None
+    text = text.strip()
+    return text or None
+
+
+def load_image(data: bytes | Image.Image, resolution: int) -> torch.Tensor:
+    """Decode, convert to RGB (CMYK, palette, alpha composited on white), resize + centre-crop -> (3, R, R) in [-1, 1]."""
+    img = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
+    img.load()
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.new("RGB", rgba.size, (255, 255, 255))
+        img.paste(rgba, mask=rgba.split()[-1])
+    img = img.convert("RGB")
+    if img.size != (resolution, resolution):
+        img = ImageOps.fit(img, (resolution, resolution), Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+class Record(NamedTuple):
+    """One undecoded sample: cheap to pass through the shuffle buffer and to skip on resume."""
+
+    shard: str
+    key: str
+    payload: Any
+
+
+class Skip(NamedTuple):
+    key: str
+    shard: str
+    reason: str
+
+
+class WebDatasetSource:
+    """img2dataset webdataset shards (+ optional recaption sidecars)."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.cfg = cfg
+        self.paths = expand_shards(cfg.shards)
+        self.shards = [p.name for p in self.paths]
+        self.specs = {"original": parse_spec(cfg.original_caption), "recaption": parse_spec(cfg.recaption)}
+        if cfg.uses_sidecar() and not cfg.recaption_dir:
+            raise ValueError("a caption spec reads the recaption sidecar (sidecar:...) but data.recaption_dir is not set")
+
+    def _sidecar(self, path: Path) -> dict[str, dict]:
+        import pyarrow.parquet as pq
+
+        side = Path(self.cfg.recaption_dir) / (path.name.split(".")[0] + ".parquet")
+        if not side.is_file():
+            raise FileNotFoundError(f"recaption sidecar {side} for shard {path} does not exist (captioner not run "
+                                    "or not finished for this shard?)")
+        table = pq.read_table(side)
+        if "key" not in table.column_names:
+            raise ValueError(f"recaption sidecar {side} has no 'key' column (columns: {table.column_names})")
+        return {row["key"]: row for row in table.to_pylist()}
+
+    def shard_stat(self, index: int) -> dict:
+        """What the feature cache compares to decide if a shard's cached features are stale."""
+        path = self.paths[index]
+        stat = {"shard": path.name, "size": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns}
+        if self.cfg.uses_sidecar():
+            side = Path(self.cfg.recaption_dir) / (path.name.split(".")[0] + ".parquet")
+            if side.is_file():
+                stat.update(sidecar_size=side.stat().st_size, sidecar_mtime_ns=side.stat().st_mtime_ns)
+        return stat
+
+    def records(self, index: int) -> Iterator[Record]:
+        path = self.paths[index]
+        side = self._sidecar(path) if self.cfg.uses_sidecar() else {}
+        for raw in iter_tar_samples(path):
+            yield Record(path.name, raw.key, (raw, side.get(raw.key)))
+
+    def _caption(self, which: str, files: dict, meta: dict | None, row: dict | None) -> str | None:
+        kind, name = self.specs[which]
+        if kind == "member":
+            return _clean(files[name].decode("utf-8", errors="replace")) if name in files else None
+        if kind == "json":
+            return _clean(meta.get(name)) if meta else None
+        if kind == "sidecar":
+            if row is None or row.get("status", "success") != "success":
+                return None
+            return _clean(row.get(name))
+        raise ValueError(f"caption spec kind {kind!r} does not apply to webdataset shards")
+
+    def decode(self, rec: Record) -> dict | Skip:
+        raw, row = rec.payload
+        if raw.error:
+            return Skip(rec.key, rec.shard, raw.error)
+        ext = next((e for e in self.cfg.image_extensions if e in raw.files), None)
+        if ext is None:
+            return Skip(rec.key, rec.shard, f"no image member (looked for {self.cfg.image_extensions})")
+        meta = None
+        if "json" in raw.files:
+            try:
+                meta = json.loads(raw.files["json"])
+            except ValueError as exc:
+                return Skip(rec.key, rec.shard, f"bad json member: {exc}")
+        original = self._caption("original", raw.files, meta, row)
+        recaption = self._caption("recaption", raw.files, meta, row)
+        return _example(rec, raw.files[ext], original, recaption, self.cfg.resolution)
+
+
+class HFDatasetSource:
+    """A (map-style) HF dataset cut into virtual shards of hf_rows_per_shard rows."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        import datasets
+
+        self.cfg = cfg
+        path = Path(cfg.hf_dataset)
+        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+            ds = datasets.load_from_disk(str(path))
+        else:
+            ds = datasets.load_dataset(cfg.hf_dataset, data_files=cfg.hf_data_files or None, split=cfg.hf_split)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[cfg.hf_split]
+        self.ds = ds
+        self.specs = {"original": parse_spec(cfg.original_caption), "recaption": parse_spec(cfg.recaption)}
+        for which, (kind, name) in self.specs.items():
+            if kind != "column" or name not in ds.column_names:
+                raise ValueError(f"data.{which}: HF datasets need column:NAME with a column of {ds.column_names}")
+        if cfg.hf_image_column not in ds.column_names:
+            raise ValueError(f"data.hf_image_column={cfg.hf_image_column!r} is not a column of {ds.column_names}")
+        n = len(ds)
+        self.ranges = [(s, min(s + cfg.hf_rows_per_shard, n)) for s in range(0, n, cfg.hf_rows_per_shard)]
+        self.shards = [f"hf-{i:05d}" for i in range(len(self.ranges))]
+
+    def shard_stat(self, index: int) -> dict:
+        return {"shard": self.shards[index], "rows": list(self.ranges[index]), "dataset": self.ds._fingerprint}
+
+    def records(self, index: int) -> Iterator[Record]:
+        start, stop = self.ranges[index]
+        for i in range(start, stop):
+            key = str(self.ds[i][self.cfg.hf_key_column]) if self.cfg.hf_key_column else f"{i:09d}"
+            yield Record(self.shards[index], key, i)
+
+    def decode(self, rec: Record) -> dict | Skip:
+        row = self.ds[rec.payload]
+        image = row[self.cfg.hf_image_column]
+        if isinstance(image, dict):
+            image = image.get("bytes")
+        if image is None:
+            return Skip(rec.key, rec.shard, "no image")
+        original = _clean(row[self.specs["original"][1]])
+        recaption = _clean(row[self.specs["recaption"][1]])
+        return _example(rec, image, original, recaption, self.cfg.resolution)
+
+
+def _example(rec: Record, image, original: str | None, recaption: str | None, resolution: int) -> dict | Skip:
+    if original is None and recaption is None:
+        return Skip(rec.key, rec.shard, "neither an original caption nor a recaption")
+    try:
+        pixels = load_image(image, resolution)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        return Skip(rec.key, rec.shard, f"image does not decode: {exc}")
+    return {"key": rec.key, "pixels": pixels, "original": original, "recaption": recaption}
+
+
+def build_source(cfg: DataConfig):
+    if cfg.shards:
+        return WebDatasetSource(cfg)
+    if cfg.hf_dataset:
+        return HFDatasetSource(cfg)
+    raise ValueError("no training data: set data.shards (webdataset) or data.hf_dataset")
+
+
+def shuffle_buffered(items: Iterator, size: int, rng: random.Random) -> Iterator:
+    """Webdataset-style streaming shuffle with a seeded generator (deterministic for a fixed input)."""
+    buf: list = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        i = rng.randrange(size)
+        buf[i], item = item, buf[i]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def rank_records(source, *, seed: int, rank: int, world: int, buffer: int,
+                 start: tuple[int, int] = (0, 0)) -> Iterator[tuple[tuple[int, int], Record]]:
+    """The endless, deterministic record stream of one rank, from cursor `start`; yields (cursor after, record)."""
+    epoch, skip = start
+    n = len(source.shards)
+    while True:
+        order = list(range(n))
+        random.Random(f"shards-{seed}-{epoch}").shuffle(order)
+        if n >= world:
+            recs = itertools.chain.from_iterable(source.records(i) for i in order[rank::world])
+        else:  # fewer shards than ranks: split by sample so no rank idles or repeats another's data
+            chained = itertools.chain.from_iterable(source.records(i) for i in order)
+            recs = (r for j, r in enumerate(chained) if j % world == rank)
+        count = 0
+        for idx, rec in enumerate(shuffle_buffered(recs, buffer, random.Random(f"buffer-{seed}-{epoch}-{rank}"))):
+            count += 1
+            if idx >= skip:
+                yield (epoch, idx + 1), rec
+        if count == 0:
+            raise RuntimeError(f"rank {rank} of {world} got no samples in epoch {epoch} ({n} shards)")
+        epoch, skip = epoch + 1, 0
+
+
+def collate(examples: list[dict]) -> dict:
+    """Stack tensors, keep strings/None as lists."""
+    out: dict = {}
+    for name in examples[0]:
+        values = [e[name] for e in examples]
+        out[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return out
+
+
+class BatchStream(torch.utils.data.IterableDataset):
+    """Batches of one rank's stream; each carries "cursor" (resume point) and "skipped" (bad samples)."""
+
+    def __init__(self, source, *, batch_size: int, seed: int, rank: int, world: int, buffer: int,
+                 start: tuple[int, int] = (0, 0), random_flip: bool = False) -> None:
+        self.source, self.batch_size, self.seed, self.random_flip = source, batch_size, seed, random_flip
+        self.rank, self.world, self.buffer, self.start = rank, world, buffer, tuple(start)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        stream = rank_records(self.source, seed=self.seed, rank=self.rank, world=self.world,
+                              buffer=self.buffer, start=self.start)
+        for b in itertools.count():
+            chunk = list(itertools.islice(stream, self.batch_size))
+            if b % workers != worker:
+                continue
+            yield self._batch(chunk)
+
+    def _batch(self, chunk: list) -> dict:
+        good, skipped = [], []
+        for cursor, rec in chunk:
+            ex = self.source.decode(rec)
+            if isinstance(ex, Skip):
+                log.warning("skipping sample %s of %s: %s", ex.key, ex.shard, ex.reason)
+                skipped.append(ex)
+                continue
+            # seeded by the sample's place in the stream, so a resumed run replays the same flips
+            if self.random_flip and random.Random(f"flip-{self.seed}-{cursor}-{rec.key}").random() < 0.5:
+                ex["pixels"] = ex["pixels"].flip(-1)
+            good.append(ex)
+        if not good:
+            raise RuntimeError(f"every sample of a batch failed to load ({[s.reason for s in skipped][:3]}...)")
+        batch = collate(good)
+        batch["cursor"] = list(chunk[-1][0])
+        batch["skipped"] = len(skipped)
+        return batch
+
+
+def make_loader(source, *, batch_size: int, seed: int, rank: int, world: int, buffer: int,
+                num_workers: int, start: tuple[int, int] = (0, 0), random_flip: bool = False) -> torch.utils.data.DataLoader:
+    stream = BatchStream(source, batch_size=batch_size, seed=seed, rank=rank, world=world, buffer=buffer,
+                         start=start, random_flip=random_flip)
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                       persistent_workers=num_workers > 0)

@@ -1,0 +1,38 @@
+"""`t2i-recap train --config FILE [--set k=v ...] [--resume latest]`; also `accelerate launch -m t2i_recap.train`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from t2i_recap.config import load_config
+from t2i_recap.logging_utils import setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="t2i-recap train", description="Train a text-to-image DiT (see configs/train/).")
+    p.add_argument("--config", required=True, help="YAML file (configs/train/*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set mixing.p=0.2 (repeatable)")
+    p.add_argument("--resume", default=None, metavar="latest|DIR",
+                   help="continue from the newest checkpoint of the run folder, or from a checkpoint folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    from t2i_recap.train_config import TrainConfig
+    from t2i_recap.trainer import train
+
+    cfg = load_config(TrainConfig, args.config, args.set)
+    summary = train(cfg, resume=args.resume)
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: summary[k] for k in ("step", "samples", "run_dir")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,334 @@
+"""The training loop: wires data, features, mixing, model, objective, EMA, checkpoints and validation.
+
+Every random draw of a step (noise, timesteps, posterior sample, caption mix, CFG dropout) comes from
+a generator seeded by (seed, rank, step, micro-batch), and the data stream resumes from its cursor,
+so a resumed run repeats exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from t2i_recap import cache as feature_cache
+from t2i_recap.checkpoint import Checkpointer, rng_state, set_rng_state
+from t2i_recap.config import save_config, to_dict
+from t2i_recap.data import build_source, make_loader
+from t2i_recap.ema import EMA
+from t2i_recap.generation import generate_images, image_grid
+from t2i_recap.io import atomic_write_text
+from t2i_recap.logging_utils import get_logger
+from t2i_recap.mixing import ORIGINAL, RECAPTION, MixCounts, choose, select
+from t2i_recap.models import build_model, configure_model
+from t2i_recap.objectives import build_objective
+
+log = get_logger(__name__)
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """Peak learning rate (the paper: constant 1e-4)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (the paper: none)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 0
+    """Linear warm-up steps, then constant (the paper: no warm-up)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0 = off)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise ValueError("lr must be > 0; warmup_steps, max_grad_norm and weight_decay >= 0")
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    run_dir: str = "runs/dit"
+    """Run folder: resolved config, checkpoints, logs, validation grids, summary."""
+    max_steps: int = 100_000
+    """Optimizer steps to train."""
+    batch_size: int = 2048
+    """Global batch per optimizer step (the paper: 2048) = micro_batch_size x processes x accumulation."""
+    micro_batch_size: int = 64
+    """Samples per process per forward pass."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    """Autocast precision of the DiT (weights and optimizer stay fp32)."""
+    seed: int = 0
+    """Base seed; each process uses seed + rank for its own streams."""
+    log_every: int = 10
+    """TensorBoard scalars every N steps."""
+    allow_tf32: bool = True
+    """Allow TF32 matmuls on Ampere+ GPUs (3x faster fp32 at tiny precision cost)."""
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.batch_size < 1 or self.micro_batch_size < 1 or self.log_every < 1:
+            raise ValueError("max_steps, batch_size, micro_batch_size and log_every must be >= 1")
+
+    def accumulation(self, world: int) -> int:
+        per_step = self.micro_batch_size * world
+        if self.batch_size % per_step:
+            raise ValueError(f"trainer.batch_size={self.batch_size} is not a multiple of micro_batch_size x processes "
+                             f"= {self.micro_batch_size} x {world}")
+        return self.batch_size // per_step
+
+
+def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, rank, step, micro]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class Trainer:
+    def __init__(self, cfg, resume: str | None = None) -> None:
+        self.cfg = cfg
+        t = cfg.trainer
+        self.acc = Accelerator(mixed_precision=t.mixed_precision,
+                               gradient_accumulation_steps=t.accumulation(_world_size()))
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        if t.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        self.run_dir = Path(t.run_dir)
+        self.ckpt = Checkpointer(self.run_dir, cfg.checkpoint)
+        if resume is None and self.ckpt.all():
+            raise FileExistsError(f"{self.run_dir} already holds checkpoints: pass --resume latest, or pick "
+                                  "another trainer.run_dir")
+        torch.manual_seed(t.seed + self.rank)
+        self.encoder = feature_cache.FeatureEncoder(cfg.features, cfg.text_encoder, self.acc.device)
+        self.source, self.empty = self._data()
+        latent_size = cfg.data.resolution // self.encoder.downsample
+        model = build_model(cfg.model, latent_channels=self.encoder.latent_channels, latent_size=latent_size,
+                            caption_channels=self.encoder.text.hidden_size).to(self.acc.device)
+        configure_model(model, cfg.model)
+        self.objective = build_objective(cfg.objective)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                     weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
+        self.ema = EMA(model, cfg.ema.decay) if cfg.ema.enabled else None
+        self.step, self.cursor, self.samples, self.counts = 0, (0, 0), 0, MixCounts()
+        self.truncated = {"original": 0, "recaption": 0, "chosen": 0}
+        if resume is not None:
+            self._restore(self.ckpt.resolve(resume), model)
+        if cfg.model.compile:
+            model = torch.compile(model)
+        self.model, self.opt = self.acc.prepare(model, self.opt)
+        self.writer = None
+        if self.acc.is_main_process:
+            from torch.utils.tensorboard import SummaryWriter
+
+            save_config(cfg, self.run_dir / "config.yaml")
+            self.writer = SummaryWriter(str(self.run_dir / "logs"))
+
+    def _data(self):
+        """The batch source (cached features or raw samples) and the empty-caption features."""
+        cfg, acc = self.cfg, self.acc
+        raw = build_source(cfg.data)
+        if not cfg.features.cache_dir:
+            return raw, self.encoder.empty()
+        cache_dir = Path(cfg.features.cache_dir)
+        if cfg.data.random_flip:
+            raise ValueError("data.random_flip cannot be used with a feature cache (latents are cached unflipped)")
+        if acc.is_main_process:
+            feature_cache.write_fingerprint(self.encoder, cfg.data, cache_dir)
+        acc.wait_for_everyone()
+        fp_hash = json.loads((cache_dir / "fingerprint.json").read_text())["hash"]
+        summary = feature_cache.prepare_cache(self.encoder, raw, cfg.data, cache_dir, rank=self.rank,
+                                              world=self.world, fp_hash=fp_hash)
+        if summary["built"]:
+            log.info("feature cache: built %d shards (%d rows)", summary["built"], summary["rows"])
+        acc.wait_for_everyone()
+        return feature_cache.CacheSource(cache_dir, raw.shards, fp_hash), feature_cache.load_empty(cache_dir)
+
+    def _restore(self, path: Path, model: torch.nn.Module) -> None:
+        ck = Checkpointer.load(path)
+        state = ck["state"]
+        model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        if self.ema is not None:
+            if ck["ema"] is None:
+                log.warning("checkpoint %s has no EMA; starting the EMA from the restored weights", path)
+                self.ema = EMA(model, self.cfg.ema.decay)
+            else:
+                self.ema.load_state_dict(ck["ema"])
+        self.step, self.samples = state["step"], state["samples"]
+        self.counts = MixCounts(**state["mix_counts"])
+        self.truncated = state["truncated"]
+        if state["world_size"] == self.world:
+            self.cursor = tuple(state["ranks"][self.rank]["cursor"])
+            set_rng_state(state["ranks"][self.rank]["rng"])
+        else:  # cursors are per rank; with another world size, restart the data at the next epoch
+            epoch = max(r["cursor"][0] for r in state["ranks"]) + 1
+            log.warning("checkpoint written by %d processes, resuming with %d: data restarts at epoch %d",
+                        state["world_size"], self.world, epoch)
+            self.cursor = (epoch, 0)
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def _features(self, batch: dict) -> dict:
+        if "pixels" in batch:  # on the fly: the same encoder and rounding as the cache
+            return self.encoder.encode_batch(batch)
+        return batch
+
+    def _micro_step(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, MixCounts, dict]:
+        f = self._features(batch)
+        dev = self.acc.device
+        x0 = feature_cache.latents_from({k: f[k].to(dev) for k in ("mean", "logvar") if k in f}, gen,
+                                        self.encoder.scaling_factor, self.encoder.shift_factor)
+        choice, counts = choose(f["has_original"], f["has_recaption"], self.cfg.mixing, gen)
+        emb, mask = select(choice, (f["original_emb"].to(dev), f["original_mask"].to(dev)),
+                           (f["recaption_emb"].to(dev), f["recaption_mask"].to(dev)),
+                           (self.empty["emb"].to(dev), self.empty["mask"].to(dev)))
+        trunc = {"original": int(f["original_truncated"][choice == ORIGINAL].sum()),
+                 "recaption": int(f["recaption_truncated"][choice == RECAPTION].sum())}
+
+        def model_fn(x, t, **cond):
+            return self.model(x, timestep=t, added_cond_kwargs=None, return_dict=False, **cond)[0]
+
+        loss = self.objective.loss(model_fn, x0, gen, encoder_hidden_states=emb.float(),
+                                   encoder_attention_mask=mask.float())
+        return loss, counts, trunc
+
+    def train_step(self, batches) -> dict:
+        """One optimizer step over `accumulation` micro-batches."""
+        t0, accum = time.perf_counter(), self.acc.gradient_accumulation_steps
+        losses, n, grad_norm = [], 0, float("nan")
+        for micro in range(accum):
+            batch = next(batches)
+            with self.acc.accumulate(self.model):
+                loss, counts, trunc = self._micro_step(batch, step_generator(self.cfg.trainer.seed, self.rank,
+                                                                             self.step, micro))
+                self.acc.backward(loss)
+                if self.acc.sync_gradients and self.cfg.optim.max_grad_norm > 0:
+                    grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm))
+                for group in self.opt.param_groups:
+                    group["lr"] = self.lr(self.step)
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+            n += len(batch["key"])
+            self.cursor = tuple(batch["cursor"])
+            self.counts.add(counts)
+            for k, v in trunc.items():
+                self.truncated[k] += v
+                self.truncated["chosen"] += v
+        if self.ema is not None:
+            self.ema.update(self._bare())
+        self.step += 1
+        loss = self.acc.reduce(torch.stack(losses).mean(), reduction="mean")
+        global_n = int(self.acc.reduce(torch.tensor(n, device=self.acc.device), reduction="sum"))
+        self.samples += global_n
+        return {"loss": float(loss), "lr": self.lr(self.step - 1), "grad_norm": grad_norm,
+                "img_per_s": global_n / (time.perf_counter() - t0)}
+
+    def _bare(self) -> torch.nn.Module:
+        return self.acc.unwrap_model(self.model, keep_torch_compile=False)
+
+    def lr(self, step: int) -> float:
+        w = self.cfg.optim.warmup_steps
+        return self.cfg.optim.lr * (min(1.0, (step + 1) / w) if w else 1.0)
+
+    def save(self) -> None:
+        ranks = gather_object([{"rank": self.rank, "cursor": list(self.cursor), "rng": rng_state()}])
+        if self.acc.is_main_process:
+            state = {"world_size": self.world, "ranks": sorted(ranks, key=lambda r: r["rank"]),
+                     "samples": self.samples, "mix_counts": dataclasses.asdict(self.counts),
+                     "truncated": self.truncated, "config": json.loads(json.dumps(to_dict(self.cfg)))}
+            self.ckpt.save(self.step, model=self._bare().state_dict(),
+                           ema=self.ema.state_dict() if self.ema else None,
+                           optimizer=self.opt.state_dict(), state=state)
+        self.acc.wait_for_everyone()
+
+    def validate(self) -> None:
+        """A grid of fixed prompts x seeds (main process; EMA weights when kept)."""
+        if self.acc.is_main_process:
+            from contextlib import nullcontext
+
+            from diffusers import PixArtAlphaPipeline
+
+            v = self.cfg.validation
+            model = self._bare()
+            model.eval()
+            with self.ema.applied(model) if self.ema else nullcontext():
+                pipe = PixArtAlphaPipeline(tokenizer=self.encoder.text.tokenizer, text_encoder=self.encoder.text.model,
+                                           vae=self.encoder.vae, transformer=model, scheduler=self.objective.scheduler())
+                pipe.set_progress_bar_config(disable=True)
+                prompts = [p for _ in v.seeds for p in v.prompts]
+                seeds = [s for s in v.seeds for _ in v.prompts]
+                images = generate_images(pipe, prompts, seeds, num_inference_steps=v.num_inference_steps,
+                                         guidance_scale=v.guidance_scale, resolution=self.cfg.data.resolution,
+                                         max_sequence_length=self.encoder.text.max_length, batch_size=v.batch_size)
+            model.train()
+            grid = image_grid(images, cols=len(v.prompts))
+            out = self.run_dir / "samples" / f"step-{self.step:08d}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            grid.save(out)
+            self.writer.add_image("validation", np.asarray(grid), self.step, dataformats="HWC")
+        self.acc.wait_for_everyone()
+
+    def log(self, metrics: dict) -> None:
+        if self.writer is None:
+            return
+        total = max(self.counts.total(), 1)
+        non_empty = max(self.counts.original + self.counts.recaption, 1)
+        metrics = {**metrics, "mix/original_share": self.counts.original / total,
+                   "mix/recaption_share": self.counts.recaption / total, "mix/empty_share": self.counts.empty / total,
+                   "mix/fallbacks": self.counts.fallback_to_original + self.counts.fallback_to_recaption,
+                   "truncation/chosen_share": self.truncated["chosen"] / non_empty,
+                   "truncation/original_share": self.truncated["original"] / max(self.counts.original, 1),
+                   "truncation/recaption_share": self.truncated["recaption"] / max(self.counts.recaption, 1)}
+        for k, v in metrics.items():
+            if isinstance(v, float) and math.isnan(v):
+                continue
+            self.writer.add_scalar(k if "/" in k else f"train/{k}", v, self.step)
+
+    def fit(self) -> dict:
+        t, v = self.cfg.trainer, self.cfg.validation
+        loader = make_loader(self.source, batch_size=t.micro_batch_size, seed=t.seed, rank=self.rank, world=self.world,
+                             buffer=self.cfg.data.shuffle_buffer, num_workers=self.cfg.data.num_workers,
+                             start=self.cursor, random_flip=self.cfg.data.random_flip)
+        batches = iter(loader)
+        bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step",
+                   disable=not self.acc.is_local_main_process, dynamic_ncols=True)
+        metrics: dict = {}
+        while self.step < t.max_steps:
+            metrics = self.train_step(batches)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.0f}")
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                self.log(metrics)
+            if self.step % self.cfg.checkpoint.every_steps == 0 or self.step == t.max_steps:
+                self.save()
+            if v.every_steps >= 0 and ((v.every_steps and self.step % v.every_steps == 0) or self.step == t.max_steps):
+                self.validate()
+        bar.close()
+        return self._finish(metrics)
+
+    def _finish(self, metrics: dict) -> dict:
+        summary = {"step": self.step, "samples": self.samples, "last": metrics,
+                   "mix_counts": dataclasses.asdict(self.counts), "truncated": self.truncated,
+                   "processes": self.world, "run_dir": str(self.run_dir)}
+        if self.acc.is_main_process:
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+            self.writer.close()
+        self.acc.wait_for_everyone()
+        return summary
+
+
+def _world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def train(cfg, resume: str | None = None) -> dict:
+    return Trainer(cfg, resume).fit()
