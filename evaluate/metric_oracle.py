@@ -46,23 +46,66 @@ def score_scene(scene: Scene, constraints: list[dict]) -> dict:
             "verdicts": verdicts}
 
 
-def _default_reader() -> Callable[[Image.Image], Scene]:
-    from t2i_recap.shapes.oracle import read_scene
+# An object read with less confidence than this does not count. The oracle reads every blob
+# as its best-fitting shape; on uniform noise that gives many objects at confidence < 0.1,
+# while a clean render reads at 1.0 (`t2i_recap.shapes.oracle.CellReading.confidence`).
+MIN_CONFIDENCE = 0.15
 
-    return read_scene
+
+def read_confident(image: Image.Image, min_confidence: float = MIN_CONFIDENCE) -> tuple[Scene, int]:
+    """The oracle's scene, keeping objects read with at least `min_confidence`; also returns
+    how many objects were dropped as too uncertain."""
+    from t2i_recap.shapes.oracle import read_cells
+
+    cells = [c for c in read_cells(image) if c.obj is not None]
+    kept = tuple(c.obj for c in cells if c.confidence >= min_confidence)
+    return Scene(kept), len(cells) - len(kept)
 
 
-def score_image(image: Image.Image, constraints: list[dict],
+def score_image(image: Image.Image, constraints: list[dict], min_confidence: float = MIN_CONFIDENCE,
                 reader: Callable[[Image.Image], Scene] | None = None) -> dict:
     """Oracle verdicts for one image; an image the oracle cannot read counts as an empty scene
     (a failure), and the reason is kept."""
-    reader = reader or _default_reader()
+    dropped, error = 0, None
     try:
-        scene, error = reader(image), None
+        if reader is None:
+            scene, dropped = read_confident(image, min_confidence)
+        else:
+            scene = reader(image)
     except ValueError as exc:  # an unreadable image is a generation failure, not a crash
         scene, error = Scene(()), str(exc)
     out = score_scene(scene, constraints)
     out["scene"] = scene.to_dict()
+    out["uncertain_objects"] = dropped
     if error:
         out["error"] = error
     return out
+
+
+def _noun(spec: dict) -> str:
+    return " ".join(w for w in (spec.get("size"), spec.get("color"), spec.get("shape")) if w)
+
+
+def describe_constraint(c: dict) -> str:
+    """A short human reading of a constraint, for reports."""
+    from t2i_recap.shapes.world import COLS, ROWS
+
+    kind = c.get("type")
+    if kind == "count":
+        return f"{'exactly' if c.get('exact') else 'at least'} {c['n']} {_noun(c)}"
+    if kind == "relation":
+        return f"{_noun(c['a'])} {c['rel']} {_noun(c['b'])}"
+    if kind == "cell":
+        return f"{_noun(c)} at {ROWS[c['row']]} {COLS[c['col']]}"
+    if kind == "total":
+        return f"{c['n']} objects in total"
+    return str(c)
+
+
+def describe_scene(scene: dict) -> str:
+    from t2i_recap.shapes.world import COLS, ROWS
+
+    objs = scene.get("objects", [])
+    if not objs:
+        return "(nothing read)"
+    return "; ".join(f"{o['size']} {o['color']} {o['shape']} at {ROWS[o['row']]} {COLS[o['col']]}" for o in objs)

@@ -1,0 +1,139 @@
+"""Load the model under evaluation and generate (or reuse) its images for each prompt variant.
+
+Seeds are fixed per (prompt index, image index): `seed + index * images_per_prompt + k`, the
+same for the raw and recaptioned forms, so the two forms are paired. Images are written as
+`images/<variant>/<index:05d>_<k:02d>.png` (names never come from prompt ids), atomically, and a
+rerun generates only the missing ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from t2i_recap.io import atomic_path
+from t2i_recap.logging_utils import get_logger
+
+log = get_logger(__name__)
+SIDECAR = "t2i_recap.json"
+
+
+@dataclass
+class GenSettings:
+    images_per_prompt: int
+    seed: int
+    num_inference_steps: int
+    guidance_scale: float
+    resolution: int
+    max_sequence_length: int
+    batch_size: int
+
+
+def image_seed(seed: int, index: int, k: int, images_per_prompt: int) -> int:
+    return seed + index * images_per_prompt + k
+
+
+def image_path(out_dir: Path, variant: str, index: int, k: int) -> Path:
+    return out_dir / "images" / variant / f"{index:05d}_{k:02d}.png"
+
+
+def resolve_model(model: str | Path, work_dir: Path) -> Path:
+    """An exported pipeline folder as is; a training run folder is exported first into
+    WORK/model (with `t2i-recap export`, the trainer's contract)."""
+    model = Path(model)
+    if (model / "model_index.json").is_file():
+        return model
+    if not model.is_dir():
+        raise FileNotFoundError(f"--model {model}: no such folder")
+    target = work_dir / "model"
+    if not (target / "model_index.json").is_file():
+        from t2i_recap import export
+
+        log.info("%s is not an exported pipeline (no model_index.json); exporting it to %s", model, target)
+        rc = export.main(["--run", str(model), "--out", str(target)])
+        if rc or not (target / "model_index.json").is_file():
+            raise RuntimeError(f"--model {model}: neither an exported pipeline nor an exportable run (export rc={rc})")
+    return target
+
+
+def model_info(model_dir: Path) -> dict:
+    """The export sidecar plus a content hash of every file in the folder (the model's identity)."""
+    sidecar = model_dir / SIDECAR
+    info = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
+    h = hashlib.sha256()
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(model_dir)).encode() + b"\0")
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return {"path": str(model_dir.resolve()), "sha256": h.hexdigest(), "sidecar": info}
+
+
+def _generate(pipe, prompts: list[str], seeds: list[int], s: GenSettings) -> list[Image.Image]:
+    """The one call into the trainer's generation code (its contract in the helpers' notes)."""
+    from t2i_recap.generation import generate_images
+
+    return generate_images(pipe, prompts, seeds, num_inference_steps=s.num_inference_steps,
+                           guidance_scale=s.guidance_scale, resolution=s.resolution,
+                           max_sequence_length=s.max_sequence_length, batch_size=s.batch_size)
+
+
+def truncated_prompts(pipe, prompts: list[str | None], max_sequence_length: int) -> int:
+    """How many prompts the model's own text encoder sees cut at `max_sequence_length` tokens."""
+    texts = [p for p in prompts if p]
+    if not texts or getattr(pipe, "tokenizer", None) is None:
+        return 0
+    return sum(len(ids) > max_sequence_length for ids in pipe.tokenizer(texts, truncation=False)["input_ids"])
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    """The pipeline warns once per batch about truncated prompts; we count them instead."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
+
+
+def generate_variant(pipe, out_dir: Path, variant: str, prompts: list[str | None], s: GenSettings,
+                     generate=_generate) -> dict:
+    """Generate the missing images of one variant; returns counts for the report."""
+    todo = [(i, k) for i, p in enumerate(prompts) if p for k in range(s.images_per_prompt)
+            if not image_path(out_dir, variant, i, k).is_file()]
+    cut = truncated_prompts(pipe, prompts, s.max_sequence_length)
+    if cut:
+        log.warning("%s: %d of %d prompts are longer than the model's %d text tokens and are truncated",
+                    variant, cut, sum(bool(p) for p in prompts), s.max_sequence_length)
+    info = {"generated": len(todo), "truncated_prompts": cut, "max_sequence_length": s.max_sequence_length}
+    if not todo:
+        return info
+    log.info("%s: generating %d images", variant, len(todo))
+    with tqdm(total=len(todo), desc=f"generate {variant}", unit="img") as bar, _quiet_diffusers():
+        for start in range(0, len(todo), s.batch_size):
+            batch = todo[start:start + s.batch_size]
+            images = generate(pipe, [prompts[i] for i, _ in batch],
+                              [image_seed(s.seed, i, k, s.images_per_prompt) for i, k in batch], s)
+            for (i, k), img in zip(batch, images, strict=True):
+                with atomic_path(image_path(out_dir, variant, i, k), suffix=".png") as tmp:
+                    img.save(tmp, format="PNG")
+            bar.update(len(batch))
+    return info
+
+
+def load_images(out_dir: Path, variant: str, prompts: list[str | None], n: int) -> dict[tuple[int, int], Image.Image]:
+    out = {}
+    for i, p in enumerate(prompts):
+        for k in range(n if p else 0):
+            with Image.open(image_path(out_dir, variant, i, k)) as img:
+                out[(i, k)] = img.convert("RGB")
+    return out

@@ -1,0 +1,280 @@
+"""`t2i-recap eval run`: generate a prompt suite's images with a model, score them, write the report.
+
+    t2i-recap eval run --model EXPORT_OR_RUN --suite shapes|PROMPTS_FILE --out DIR \
+        [--images-per-prompt N] [--steps S] [--guidance G] [--seed S] [--batch-size B] \
+        [--clip CLIP_DIR] [--vqa-model VLM_DIR] [--reference IMAGES|SHARDS|gold] \
+        [--inception-weights FILE] [--recaption auto|none|column|gold|CAPTIONER_DIR] \
+        [--config configs/eval/X.yaml] [--set key=value ...]
+
+A rerun with the same OUT reuses finished images and recaptions and rescores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from t2i_recap.config import load_config, save_config
+from t2i_recap.io import atomic_write_text
+from t2i_recap.logging_utils import get_logger, setup_logging
+
+log = get_logger(__name__)
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    model: str = ""
+    """Exported pipeline folder (`t2i-recap export`), or a training run folder (exported first)."""
+    suite: str = "shapes"
+    """`shapes` (built-in compositional suite) or a prompt file (txt, jsonl, json, csv, parquet)."""
+    out: str = ""
+    """Output folder: images, scores, report.json/.md/.html."""
+    per_category: int = 12
+    """Shapes suite: prompts per category."""
+    suite_seed: int = 0
+    """Shapes suite: which prompts are drawn."""
+    images_per_prompt: int = 4
+    """Images per prompt (GenEval uses 4)."""
+    seed: int = 0
+    """Base seed; image k of prompt i uses seed + i * images_per_prompt + k."""
+    steps: int | None = None
+    """Sampler steps (default: the export's num_inference_steps)."""
+    guidance: float | None = None
+    """Classifier-free guidance scale (default: the export's guidance_scale)."""
+    scheduler: str | None = None
+    """A diffusers scheduler class name to sample with instead of the exported one."""
+    resolution: int | None = None
+    """Image side in pixels (default: the export's resolution)."""
+    max_sequence_length: int | None = None
+    """Text tokens (default: the export's max_sequence_length)."""
+    batch_size: int = 16
+    """Images per generation call and per metric batch."""
+    device: str | None = None
+    """cuda or cpu (default: cuda when available)."""
+    dtype: str = "float32"
+    """Pipeline dtype: float32, float16 or bfloat16."""
+    recaption: str = "auto"
+    """Recaptioned prompt form: auto, none, column, gold, or a captioner model folder."""
+    recaption_max_new_tokens: int = 128
+    """Captioner token cap (the paper: 128)."""
+    images_root: str | None = None
+    """Folder the suite's `image` column is relative to (default: the suite file's folder)."""
+    clip: str | None = None
+    """Local CLIP folder for CLIP score and FD-CLIP/CMMD (off when unset)."""
+    vqa_model: str | None = None
+    """Local vision-language model folder for VQA score (off when unset)."""
+    reference: str = "auto"
+    """Reference images for distances: a folder, shards, `gold`, `none`, or auto (gold if the suite has scenes)."""
+    max_reference: int | None = None
+    """Use at most this many reference images."""
+    inception_weights: str | None = None
+    """Local Inception weights file for FID (pt_inception-2015-12-05-6726825d.pth); FID off when unset."""
+    fid_antialias: bool = False
+    """torchmetrics FID `antialias` (False matches the reference implementation)."""
+    oracle_min_confidence: float = 0.15
+    """The oracle counts an object only when read with at least this confidence (1.0 on clean renders)."""
+    worst_failures: int = 12
+    """How many worst prompts the report shows."""
+
+    def __post_init__(self) -> None:
+        if self.images_per_prompt < 1 or self.batch_size < 1 or self.per_category < 1:
+            raise ValueError("images_per_prompt, batch_size and per_category must be >= 1")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+
+
+def _settings(cfg: EvalConfig, sidecar: dict):
+    from .generate import GenSettings
+
+    def pick(value, key, fallback=None):
+        if value is not None:
+            return value
+        if key in sidecar:
+            return sidecar[key]
+        if fallback is None:
+            raise ValueError(f"the model's t2i_recap.json has no {key!r}; pass it on the command line")
+        return fallback
+
+    return GenSettings(cfg.images_per_prompt, cfg.seed, int(pick(cfg.steps, "num_inference_steps")),
+                       float(pick(cfg.guidance, "guidance_scale")), int(pick(cfg.resolution, "resolution")),
+                       int(pick(cfg.max_sequence_length, "max_sequence_length", 77)), cfg.batch_size)
+
+
+def _swap_scheduler(pipe, name: str):
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise ValueError(f"--scheduler {name!r} is not a diffusers scheduler class")
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
+def _reference(cfg: EvalConfig, suite, resolution: int):
+    from .metric_fid import load_reference
+    from t2i_recap.shapes.render import render
+
+    spec = cfg.reference
+    if spec == "auto":
+        spec = "gold" if all(r.scene for r in suite.records) else "none"
+    if spec == "none":
+        return None, None
+    if spec == "gold":
+        refs = [render(r.gold_scene(), resolution) for r in suite.records if r.scene]
+        return refs[:cfg.max_reference], "gold renders of the suite's scenes"
+    return load_reference(spec, cfg.max_reference), str(spec)
+
+
+def _scorers(cfg: EvalConfig, suite, resolution: int):
+    from .score import Scorers
+
+    scorers = Scorers(batch_size=cfg.batch_size, inception_weights=cfg.inception_weights,
+                      fid_antialias=cfg.fid_antialias, oracle_min_confidence=cfg.oracle_min_confidence)
+    if cfg.inception_weights is not None:
+        from .weights import require_file
+
+        require_file(cfg.inception_weights, "--inception-weights", "FID")  # fail before generating
+    if cfg.clip:
+        from .metric_clip import ClipScorer
+
+        scorers.clip = ClipScorer(cfg.clip, cfg.device)
+    if cfg.vqa_model:
+        from .metric_vqa import VqaScorer
+
+        scorers.vqa = VqaScorer(cfg.vqa_model, cfg.device)
+    if scorers.clip is not None or cfg.inception_weights is not None:
+        scorers.reference, scorers.reference_name = _reference(cfg, suite, resolution)
+    return scorers
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def run_eval(cfg: EvalConfig, argv: list[str] | None = None) -> Path:
+    """The whole evaluation; returns the path of report.json."""
+    from .generate import generate_variant, model_info, resolve_model
+    from .protocol import build_variants, cached_recaptions
+    from .report import build_report, write_reports
+    from .suites import load_suite, write_suite
+    from t2i_recap.generation import load_pipeline
+
+    if not cfg.model or not cfg.out:
+        raise ValueError("eval run needs --model and --out")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    save_config(cfg, out / "eval_config.yaml")
+    suite = load_suite(cfg.suite, cfg.per_category, cfg.suite_seed)
+    write_suite(suite, out / "suite.jsonl")
+    model_dir = resolve_model(cfg.model, out)
+    info = model_info(model_dir)
+    settings = _settings(cfg, info["sidecar"])
+    scorers = _scorers(cfg, suite, settings.resolution)  # missing metric weights fail before generation
+    images_root = Path(cfg.images_root) if cfg.images_root else (
+        Path(suite.source).parent if Path(suite.source).is_file() else None)
+    texts, recap_meta = cached_recaptions(out, suite, cfg.recaption, resolution=settings.resolution,
+                                          images_root=images_root, batch_size=cfg.batch_size,
+                                          max_new_tokens=cfg.recaption_max_new_tokens, seed=cfg.seed)
+    variants = build_variants(suite, texts, recap_meta)
+    pipe, _ = load_pipeline(model_dir, device=cfg.device or _default_device(), 
+                         dtype=None if cfg.dtype == "float32" else _torch_dtype(cfg.dtype))
+    if cfg.scheduler:
+        _swap_scheduler(pipe, cfg.scheduler)
+    gen_started = time.time()
+    generated = {v.name: generate_variant(pipe, out, v.name, v.prompts, settings) for v in variants}
+    gen_seconds = time.time() - gen_started
+    del pipe
+    from .score import score_variant
+
+    results = {}
+    for v in variants:
+        rows, set_metrics = score_variant(suite, v, out, settings.images_per_prompt, settings.seed, scorers)
+        _write_rows(out / f"scores_{v.name}.jsonl", rows)
+        results[v.name] = {"rows": rows, "set_metrics": set_metrics, "source": v.source, "skipped": v.skipped,
+                           "generation": generated[v.name]}
+    report = build_report(cfg=cfg, suite=suite, model=info, settings=settings, variants=results,
+                          recaption=recap_meta, scheduler=cfg.scheduler or info["sidecar"].get("scheduler"),
+                          timing={"generation_s": gen_seconds, "total_s": time.time() - started,
+                                  "images_generated": {k: g["generated"] for k, g in generated.items()}},
+                          argv=argv)
+    write_reports(report, out)
+    return out / "report.json"
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+_FLAGS = {  # CLI flag -> (EvalConfig field, type)
+    "--model": ("model", str), "--suite": ("suite", str), "--out": ("out", str),
+    "--images-per-prompt": ("images_per_prompt", int), "--steps": ("steps", int),
+    "--guidance": ("guidance", float), "--seed": ("seed", int), "--batch-size": ("batch_size", int),
+    "--scheduler": ("scheduler", str), "--per-category": ("per_category", int),
+    "--clip": ("clip", str), "--vqa-model": ("vqa_model", str), "--reference": ("reference", str),
+    "--inception-weights": ("inception_weights", str), "--recaption": ("recaption", str),
+    "--device": ("device", str), "--max-reference": ("max_reference", int),
+}
+
+
+def parse_args(argv: list[str] | None) -> EvalConfig:
+    ap = argparse.ArgumentParser(prog="t2i-recap eval run", description=__doc__.split("\n\n")[0])
+    for flag, (field, tp) in _FLAGS.items():
+        ap.add_argument(flag, dest=field, type=tp, default=None,
+                        help=_field_doc(field))
+    ap.add_argument("--config", help="YAML file with EvalConfig fields (flags override it)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any EvalConfig field")
+    args = ap.parse_args(argv)
+    overrides = list(args.set)
+    for field, _ in _FLAGS.values():
+        value = getattr(args, field)
+        if value is not None:
+            overrides.append(f"{field}={json.dumps(value)}")
+    return load_config(EvalConfig, args.config, overrides)
+
+
+def _field_doc(name: str) -> str:
+    import ast
+    import inspect
+
+    source = inspect.getsource(EvalConfig)
+    tree = ast.parse(source)
+    body = tree.body[0].body
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and node.target.id == name and isinstance(nxt, ast.Expr):
+            return str(nxt.value.value)
+    return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = parse_args(argv)
+    try:
+        path = run_eval(cfg, argv)
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        print(f"t2i-recap eval run: error: {exc}", file=sys.stderr)
+        return 2
+    report = json.loads(path.read_text(encoding="utf-8"))
+    from .report import summary_lines
+
+    print("\n".join(summary_lines(report)))
+    print(f"report: {path.parent / 'report.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""Evaluation fixtures: a tiny random CLIP and a tiny random exported PixArt pipeline.
+
+Both are saved with `save_pretrained` and loaded back by the same `from_pretrained` calls a real
+checkpoint uses; the pipeline folder has the export's `t2i_recap.json`, so it is exactly what
+`t2i-recap export` writes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+EVAL_RES = 24  # >= the oracle's exact minimum (17), small enough to be quick
+
+
+def build_tiny_clip(out, tokenizer_dir, max_positions: int = 77, seed: int = 0):
+    import torch
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=max_positions, eos_token_id=tok.eos_token_id,
+                bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=EVAL_RES, patch_size=8)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    size = {"shortest_edge": EVAL_RES}
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size=size, crop_size={"height": EVAL_RES, "width": EVAL_RES}),
+                         tokenizer=tok)
+    model.save_pretrained(str(out))
+    proc.save_pretrained(str(out))
+    return out
+
+
+def build_tiny_pipeline(out, tokenizer_dir, seed: int = 0):
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=77, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=EVAL_RES)
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=1,
+        sample_size=EVAL_RES // 2, patch_size=2, cross_attention_dim=16, caption_channels=32,
+        norm_type="ada_norm_single", use_additional_conditions=False, norm_num_groups=4)
+    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                               scheduler=DDIMScheduler())
+    pipe.save_pretrained(str(out))
+    (out / "t2i_recap.json").write_text(json.dumps({
+        "resolution": EVAL_RES, "max_sequence_length": 32, "objective": "ddpm_eps",
+        "num_inference_steps": 2, "guidance_scale": 2.0, "caption_mix_p": 0.0}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def eval_clip_dir(tmp_path_factory, shapes_tokenizer_dir):
+    return build_tiny_clip(tmp_path_factory.mktemp("eval_clip"), shapes_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def eval_pipeline_dir(tmp_path_factory, shapes_tokenizer_dir):
+    return build_tiny_pipeline(tmp_path_factory.mktemp("eval_pipe"), shapes_tokenizer_dir)
