@@ -23,7 +23,6 @@ import sys
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -237,10 +236,11 @@ def _warn_extra_shards(out: Path, num_shards: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="t2i-recap shapes make", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="t2i-recap shapes make",
+                                description="Write shapes-world shards in img2dataset's webdataset layout.")
     p.add_argument("--out", required=True, type=Path, help="output folder for the shards")
     p.add_argument("--num", required=True, type=int, help="number of samples")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     p.add_argument("--curated-fraction", type=float, default=0.1,
                    help="share of samples that also carry a gold dense caption (default 0.1)")
     p.add_argument("--resolution", type=int, default=32, help="image side in pixels (default 32)")

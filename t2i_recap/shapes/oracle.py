@@ -96,7 +96,7 @@ def cell_slices(row: int, col: int, resolution: int) -> tuple[slice, slice]:
 def max_shift(resolution: int) -> int:
     """How far (pixels) a shape may sit off its rendered place and still match: generated and
     resized images rarely land on the renderer's exact pixel grid."""
-    return max(1, round(resolution / 48))
+    return min(2, max(1, round(resolution / 48)))  # capped: variants grow with its square
 
 
 def _shifted(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
@@ -126,7 +126,7 @@ def _variants(obj: Obj, resolution: int, cell: tuple[slice, slice]) -> np.ndarra
     return np.stack(out)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=4)  # ~120 MB at 256 px, so few
 def _templates(resolution: int) -> dict[tuple[int, int], np.ndarray]:
     """Per cell, the rendered mask of every (shape, size), cropped to the cell, sharp and
     blurred, shifted by up to `max_shift` pixels: (6, variants, h, w), the plain mask first."""
