@@ -200,6 +200,8 @@ def write_fingerprint(encoder: FeatureEncoder, data: DataConfig, cache_dir: Path
     """Write fingerprint.json and empty.safetensors (rewritten when the fingerprint changes)."""
     fp = encoder.fingerprint(data)
     fp_hash = fingerprint_hash(fp)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
     fp_file = cache_dir / "fingerprint.json"
     if fp_file.is_file():
         old = json.loads(fp_file.read_text())
