@@ -12,6 +12,8 @@ from typing import Iterator
 
 from braceexpand import braceexpand
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$")
 
 
@@ -54,6 +56,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get normal modes
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
