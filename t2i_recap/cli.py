@@ -11,6 +11,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("shapes", "assets"): ("t2i_recap.shapes.assets", "build the tiny tokenizer, CLIP and VAE"),
     ("caption", "run"): ("t2i_recap.captioner.run", "recaption shards with a vision-language model"),
     ("caption", "finetune"): ("t2i_recap.captioner.finetune", "fine-tune a LLaVA-architecture captioner"),
+    ("caption", "convert"): ("t2i_recap.captioner.convert_llava", "convert an original LLaVA (llava_llama) checkpoint to transformers"),
     ("caption", "stats"): ("t2i_recap.captioner.stats", "statistics of recaption sidecars"),
     ("prepare",): ("t2i_recap.prepare", "build the feature cache (VAE latents + text embeddings)"),
     ("train",): ("t2i_recap.train", "train a DiT (also: accelerate launch -m t2i_recap.train)"),

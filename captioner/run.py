@@ -1,0 +1,354 @@
+"""`t2i-recap caption run`: recaption every shard of an input into one sidecar per shard.
+
+    t2i-recap caption run --input 'shards/{00000..00099}.tar' --out recaps --model PATH_OR_ID
+    accelerate launch -m t2i_recap.captioner --input shards --out recaps --model PATH_OR_ID
+
+Resume: a shard whose sidecar exists is skipped; a killed run redoes only the shards it had not
+finished (sidecars appear atomically). Scale-out: shard i goes to rank i % world_size (ranks from
+accelerate/torchrun's RANK and WORLD_SIZE), a stable split with no overlap and no gap, whatever
+was finished before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator, Literal
+
+from tqdm import tqdm
+
+from t2i_recap.config import ConfigError, load_config, save_config
+from t2i_recap.logging_utils import get_logger, setup_logging
+
+from .prompts import DEFAULT_MAX_HINT_CHARS, build_prompt_with_notes, check_template
+from .readers import ReaderConfig, Sample, Shard, open_shards
+from .repetition import is_repetitive
+from .writer import Row, is_finished, remove_stale_temps, sidecar_path, write_sidecar
+
+log = get_logger(__name__)
+
+
+@dataclasses.dataclass
+class CaptionRunConfig:
+    """One recaptioning run."""
+
+    input: str = ""
+    """Shards: a folder, glob or brace pattern of .tar/.parquet, an image folder, or an HF dataset."""
+    out: str = ""
+    """Folder for the sidecars (`<shard>.parquet`)."""
+    model: str = ""
+    """Captioner: local folder or hub id of any image-text-to-text model transformers loads."""
+    backend: Literal["transformers"] = "transformers"
+    """Generation engine; the boundary (`backend.CaptionBackend`) leaves room for vLLM/SGLang."""
+    prompt: Literal["recap", "conditioned", "custom"] = "recap"
+    """`recap`: the paper's prompt verbatim; `conditioned`: alt-text as a hint; `custom`: `template`."""
+    template: str | None = None
+    """Custom prompt; `{org_caption}` is replaced by the original caption."""
+    batch_size: int = 16
+    """Images per `generate` call."""
+    max_new_tokens: int = 128
+    """Generation cap (the paper: 128). Captions that hit it get finish_reason "length"."""
+    max_hint_chars: int = DEFAULT_MAX_HINT_CHARS
+    """Longest original caption put into a conditioned prompt."""
+    dtype: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32."""
+    device: str | None = None
+    """Torch device; default cuda:LOCAL_RANK when a GPU exists, else cpu."""
+    attn_implementation: str | None = "sdpa"
+    """Attention kernel; falls back to the model's default where SDPA is unsupported."""
+    trust_remote_code: bool = False
+    """Run code shipped with the checkpoint (off unless asked)."""
+    prefetch_batches: int = 2
+    """Batches read and decoded ahead in a background thread, so decoding overlaps generation."""
+    reader: ReaderConfig = dataclasses.field(default_factory=ReaderConfig)
+    """How the input is read."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.prefetch_batches < 0:
+            raise ValueError(f"prefetch_batches must be >= 0, got {self.prefetch_batches}")
+        if self.prompt == "custom":
+            if not self.template:
+                raise ValueError("prompt 'custom' needs a template")
+            check_template(self.template)
+
+    def fingerprint(self) -> dict:
+        """Settings that change the captions: a finished sidecar is reused only if these match."""
+        return {"model": self.model, "backend": self.backend, "prompt": self.prompt, "template": self.template,
+                "max_new_tokens": self.max_new_tokens, "max_hint_chars": self.max_hint_chars}
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "Dist":
+        """accelerate launch / torchrun set these; no process group is needed (ranks never talk)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        if not 0 <= rank < world:
+            raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
+        return cls(rank, world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    def mine(self, shards: list[Shard]) -> list[Shard]:
+        return [s for i, s in enumerate(shards) if i % self.world == self.rank]
+
+
+@dataclasses.dataclass
+class Counts:
+    ok: int = 0
+    skipped: int = 0
+    failed: int = 0
+    length: int = 0
+    repetition: int = 0
+    seconds: float = 0.0
+
+    def add(self, other: "Counts") -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+# ---------------------------------------------------------------- one shard
+
+
+def prefetch(items: Iterator[Sample], depth: int) -> Iterator[Sample]:
+    """Run `items` (reading + decoding) in a thread, `depth` items ahead; re-raise its errors here."""
+    if depth <= 0:
+        yield from items
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+class ShardCaptioner:
+    """Captions the samples of one shard in batches and fills their rows."""
+
+    def __init__(self, backend, cfg: CaptionRunConfig) -> None:
+        self.backend, self.cfg = backend, cfg
+
+    def run(self, shard: Shard, progress: tqdm | None = None) -> tuple[list[Row], Counts]:
+        rows: list[Row] = []
+        pending: list[tuple[Row, object, str]] = []
+        seen: set[str] = set()
+        started = time.perf_counter()
+        for sample in prefetch(shard.samples(), self.cfg.prefetch_batches * self.cfg.batch_size):
+            row = Row(key=sample.key, org_caption=sample.org_caption, notes=list(sample.notes))
+            if sample.error is not None:
+                row.status, row.error = "skipped", sample.error
+            elif sample.key in seen:
+                row.status, row.error = "skipped", f"duplicate key {sample.key!r} in shard {shard.name}"
+            else:
+                prompt, notes = build_prompt_with_notes(self.cfg.prompt, sample.org_caption, self.cfg.template,
+                                                        self.cfg.max_hint_chars)
+                row.notes.extend(notes)
+                pending.append((row, sample.image, prompt))
+            seen.add(sample.key)
+            rows.append(row)
+            if len(pending) >= self.cfg.batch_size:
+                self._caption(pending, progress)
+                pending = []
+        self._caption(pending, progress)
+        counts = _count(rows)
+        counts.seconds = time.perf_counter() - started
+        if counts.failed and not counts.ok:
+            first = next(r.error for r in rows if r.status == "failed")
+            raise RuntimeError(f"shard {shard.name}: every sample failed in the captioner; first error: {first}")
+        return rows, counts
+
+    def _caption(self, batch: list[tuple[Row, object, str]], progress: tqdm | None) -> None:
+        if not batch:
+            return
+        try:
+            gens = self.backend.caption([b[1] for b in batch], [b[2] for b in batch], self.cfg.max_new_tokens)
+        except Exception as exc:  # noqa: BLE001 - one bad image must not sink its batch: retry alone
+            if len(batch) == 1:
+                row = batch[0][0]
+                row.status, row.error = "failed", f"captioner error: {type(exc).__name__}: {exc}"
+                log.warning("key %s: %s", row.key, row.error)
+                progress and progress.update(1)
+                return
+            log.warning("batch of %d failed (%s: %s); retrying one at a time", len(batch), type(exc).__name__, exc)
+            for item in batch:
+                self._caption([item], progress)
+            return
+        for (row, _, _), gen in zip(batch, gens):
+            row.re_caption, row.finish_reason, row.re_num_tokens = gen.text, gen.finish_reason, gen.num_tokens
+            row.repetition = is_repetitive(gen.text, gen.finish_reason)
+        if progress is not None:
+            progress.update(len(batch))
+
+
+def _count(rows: list[Row]) -> Counts:
+    c = Counts()
+    for r in rows:
+        setattr(c, r.status, getattr(c, r.status) + 1)
+        c.length += r.finish_reason == "length"
+        c.repetition += bool(r.repetition)
+    return c
+
+
+# ---------------------------------------------------------------- the run
+
+
+def shard_metadata(cfg: CaptionRunConfig, backend, shard: Shard, counts: Counts, dist: Dist) -> dict:
+    from t2i_recap import __version__
+
+    captioned = counts.ok + counts.failed
+    return {
+        "fingerprint": cfg.fingerprint(),
+        "model": cfg.model,
+        "prompt": {"preset": cfg.prompt, "template": cfg.template,
+                   "example": build_prompt_with_notes(cfg.prompt, "ALT-TEXT", cfg.template, cfg.max_hint_chars)[0]},
+        "generation": {"decoding": "greedy", "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size},
+        "backend": backend.describe(),
+        "shard": {"name": shard.name, "source": shard.source},
+        "counts": dataclasses.asdict(counts),
+        "images_per_second": round(captioned / counts.seconds, 4) if counts.seconds > 0 else None,
+        "rank": dist.rank,
+        "world_size": dist.world,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "t2i_recap_version": __version__,
+        "transformers_version": _version("transformers"),
+        "torch_version": _version("torch"),
+    }
+
+
+def _version(pkg: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return None
+
+
+def caption_run(cfg: CaptionRunConfig, dist: Dist | None = None, backend=None) -> dict:
+    """Caption this rank's unfinished shards; returns a summary (also the CLI's output)."""
+    dist = dist or Dist.from_env()
+    for name in ("input", "out", "model"):
+        if not getattr(cfg, name):
+            raise ConfigError(f"{name}: required (--{name})")
+    out = Path(cfg.out)
+    shards = open_shards(cfg.input, cfg.reader)
+    mine = dist.mine(shards)
+    todo = [s for s in mine if not is_finished(sidecar_path(out, s.name), cfg.fingerprint())]
+    log.info("%d shards in %s; rank %d of %d owns %d, %d already done", len(shards), cfg.input, dist.rank,
+             dist.world, len(mine), len(mine) - len(todo))
+    out.mkdir(parents=True, exist_ok=True)
+    if dist.rank == 0:
+        save_config(cfg, out / "caption_config.yaml")
+    summary = {"rank": dist.rank, "world_size": dist.world, "shards_total": len(shards), "shards_mine": len(mine),
+               "shards_skipped_done": len(mine) - len(todo), "shards_done": 0, "shards_failed": [],
+               "counts": Counts()}
+    if todo and backend is None:
+        from .backend import default_device, make_backend
+
+        device = cfg.device or str(default_device(dist.local_rank))
+        backend = make_backend(cfg.backend, cfg.model, device=device, dtype=cfg.dtype,
+                               trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    worker = ShardCaptioner(backend, cfg)
+    for shard in todo:
+        path = sidecar_path(out, shard.name)
+        remove_stale_temps(path)
+        bar = tqdm(desc=f"{shard.name}", unit="img", disable=dist.rank != 0 or not sys.stderr.isatty())
+        try:
+            rows, counts = worker.run(shard, bar)
+        except Exception as exc:  # noqa: BLE001 - an unreadable shard must not stop the others
+            log.error("shard %s (%s) failed, no sidecar written: %s: %s", shard.name, shard.source,
+                      type(exc).__name__, exc)
+            summary["shards_failed"].append({"shard": shard.name, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        finally:
+            bar.close()
+        write_sidecar(path, rows, shard_metadata(cfg, backend, shard, counts, dist))
+        summary["counts"].add(counts)
+        summary["shards_done"] += 1
+        log.info("%s: %d ok, %d skipped, %d failed, %d hit the cap, %d repetitive (%.1f s)", shard.name,
+                 counts.ok, counts.skipped, counts.failed, counts.length, counts.repetition, counts.seconds)
+    summary["counts"] = dataclasses.asdict(summary["counts"])
+    return summary
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="t2i-recap caption run", description=__doc__.split("\n")[0])
+    p.add_argument("--config", help="YAML file with CaptionRunConfig fields (flags override it)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. reader.caption_column=alt")
+    p.add_argument("--input", help="shards: folder, glob or brace pattern; image folder; HF dataset name or path")
+    p.add_argument("--input-format", choices=["auto", "webdataset", "parquet", "imagefolder", "hf"])
+    p.add_argument("--out", help="folder for the sidecar parquet files")
+    p.add_argument("--model", help="captioner folder or hub id")
+    p.add_argument("--prompt", choices=["recap", "conditioned", "custom"])
+    p.add_argument("--template", help="custom prompt; {org_caption} is filled in")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--device")
+    p.add_argument("--trust-remote-code", action="store_true", default=None)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> CaptionRunConfig:
+    flags = {"input": args.input, "out": args.out, "model": args.model, "prompt": args.prompt,
+             "template": args.template, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+             "dtype": args.dtype, "device": args.device, "trust_remote_code": args.trust_remote_code}
+    overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    if args.input_format:
+        overrides.append(f"reader.format={args.input_format}")
+    if args.template is not None and args.prompt is None:
+        overrides.append("prompt=custom")
+    return load_config(CaptionRunConfig, args.config, overrides + list(args.set))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        cfg = config_from_args(args)
+        summary = caption_run(cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"t2i-recap caption run: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 1 if summary["shards_failed"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
