@@ -41,5 +41,5 @@ def test_expand_shards_patterns(tmp_path):
     assert len(expand_shards(tmp_path)) == 3
     assert [p.name for p in expand_shards(f"{tmp_path}/{{00000..00001}}.tar")] == ["00000.tar", "00001.tar"]
     assert len(expand_shards(f"{tmp_path}/*.tar")) == 3
-    with pytest.raises(FileNotFoundError, match="00007.tar"):
+    with pytest.raises(FileNotFoundError, match="00006.tar does not exist"):
         expand_shards(f"{tmp_path}/{{00006..00007}}.tar")
