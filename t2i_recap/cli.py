@@ -13,6 +13,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("caption", "finetune"): ("t2i_recap.captioner.finetune", "fine-tune a LLaVA-architecture captioner"),
     ("caption", "convert"): ("t2i_recap.captioner.convert_llava", "convert an original LLaVA (llava_llama) checkpoint to transformers"),
     ("caption", "stats"): ("t2i_recap.captioner.stats", "statistics of recaption sidecars"),
+    ("caption", "fidelity"): ("t2i_recap.captioner.fidelity", "caption fidelity against shapes-world scene graphs"),
     ("prepare",): ("t2i_recap.prepare", "build the feature cache (VAE latents + text embeddings)"),
     ("train",): ("t2i_recap.train", "train a DiT (also: accelerate launch -m t2i_recap.train)"),
     ("export",): ("t2i_recap.export", "export a run to a diffusers pipeline folder"),

@@ -1,0 +1,497 @@
+"""`t2i-recap caption finetune`: train a LLaVA-architecture captioner on (image, caption) pairs.
+
+The paper's captioner is LLaVA-1.5 (CLIP vision tower, frozen; `mlp2x_gelu` projector; LLaMA-3
+decoder), fine-tuned on image-caption pairs (REFERENCE.md section 1). This module fine-tunes any
+`LlavaForConditionalGeneration` folder, fully or with LoRA (peft), or first assembles a new one
+from a CLIP model's vision tower + a fresh 2-layer MLP projector + a fresh small LLaMA decoder
+(`build_captioner`): that is how the shapes world gets its tiny captioner. Either way the result
+is a standard transformers folder (model + `LlavaProcessor` with its chat template) that
+`LlavaForConditionalGeneration.from_pretrained` and `AutoProcessor.from_pretrained` load.
+
+The loss covers the answer tokens only (prompt and image tokens are masked with -100), and the
+prompt is the one recaptioning uses (`build_prompt(preset)`, the paper's prompt by default), put
+through the processor's chat template, so training and inference see the same token sequence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from t2i_recap.config import load_config, save_config, to_dict
+from t2i_recap.io import atomic_write_text, expand_shards
+from t2i_recap.logging_utils import get_logger, setup_logging
+from t2i_recap.shards import iter_tar_samples
+
+from .chat_templates import vicuna_template
+from .images import BadImage, decode_image
+
+log = get_logger(__name__)
+
+IMAGE_TOKEN = "<image>"
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    shards: str = ""
+    """Input shards (folder, glob or brace pattern) in img2dataset webdataset layout."""
+    caption_field: str = "gold_caption"
+    """Key of the per-sample json holding the target caption; "txt" reads the `.txt` member."""
+    curated_only: bool = True
+    """Use only samples whose json has `curated: true` (the shapes world's gold subset)."""
+    max_samples: int | None = None
+    """Stop reading after this many usable pairs (None: all)."""
+
+    def __post_init__(self):
+        if not self.caption_field:
+            raise ValueError("caption_field must name a json key or be 'txt'")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {self.max_samples}")
+
+
+@dataclasses.dataclass
+class BuildConfig:
+    """A new captioner: a CLIP vision tower + 2-layer MLP projector + a small LLaMA decoder."""
+
+    clip: str = ""
+    """Folder of a CLIP model (CLIPVisionModel and its image processor load from it)."""
+    tokenizer: str | None = None
+    """Tokenizer folder for the decoder (default: the CLIP folder's tokenizer)."""
+    hidden_size: int = 128
+    """Decoder width."""
+    num_layers: int = 2
+    """Decoder depth."""
+    num_heads: int = 4
+    """Decoder attention heads."""
+    intermediate_size: int = 512
+    """Decoder MLP width."""
+    max_position_embeddings: int = 512
+    """Longest sequence (image tokens + prompt + caption) the decoder handles."""
+    vision_feature_layer: int = -2
+    """Vision hidden state fed to the projector (LLaVA-1.5 uses the penultimate layer, -2)."""
+    seed: int = 0
+    """Seed for the fresh projector and decoder weights."""
+
+    def __post_init__(self):
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+
+@dataclasses.dataclass
+class LoraSettings:
+    enabled: bool = False
+    """Train LoRA adapters on the decoder instead of all its weights (the projector is trained in full)."""
+    r: int = 8
+    """Adapter rank."""
+    alpha: int = 16
+    """Adapter scale numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = dataclasses.field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Decoder linear layers that get adapters."""
+    merge: bool = True
+    """Merge adapters into the weights before saving (a plain LLaVA folder); false also keeps them in OUT/adapter."""
+
+    def __post_init__(self):
+        if self.r < 1 or self.alpha < 1:
+            raise ValueError(f"lora r and alpha must be >= 1, got r={self.r} alpha={self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclasses.dataclass
+class OptimSettings:
+    epochs: int = 10
+    """Passes over the pairs."""
+    batch_size: int = 32
+    """Pairs per step."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW), reached after warm-up, then cosine decay to 10%."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 20
+    """Linear warm-up steps."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip (0: off)."""
+    freeze_vision: bool = True
+    """Keep the vision tower frozen (LLaVA-1.5 does)."""
+    train_projector: bool = True
+    """Train the projector."""
+    train_language_model: bool = True
+    """Train the decoder (in full, or its adapters with LoRA)."""
+    max_length: int = 256
+    """Longest training sequence in tokens; longer captions are cut (counted in the summary)."""
+    seed: int = 0
+    """Shuffling seed."""
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.max_length < 8:
+            raise ValueError(f"max_length must be >= 8, got {self.max_length}")
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    model: str | None = None
+    """An existing LLaVA folder to fine-tune; None builds a new captioner from `build`."""
+    prompt_preset: str = "recap"
+    """Prompt preset of `build_prompt` (recap: the paper's prompt, verbatim)."""
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    build: BuildConfig = dataclasses.field(default_factory=BuildConfig)
+    optim: OptimSettings = dataclasses.field(default_factory=OptimSettings)
+    lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
+
+
+@dataclasses.dataclass
+class Pair:
+    key: str
+    image: Image.Image
+    caption: str
+    org_caption: str
+
+
+# ----------------------------------------------------------------------------- building
+
+def build_captioner(cfg: BuildConfig):
+    """Assemble a LLaVA captioner: `cfg.clip`'s vision tower (its weights), a fresh MLP projector
+    and a fresh LLaMA decoder over the tokenizer plus an `<image>` token. Returns (model, processor)."""
+    from transformers import (AutoImageProcessor, AutoTokenizer, CLIPVisionModel, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    if not cfg.clip:
+        raise ValueError("build.clip is empty: pass --clip DIR (a CLIP model folder) or --model DIR")
+    vision = _quietly(CLIPVisionModel.from_pretrained, cfg.clip)  # its report lists every text-tower key
+    tokenizer = _captioner_tokenizer(AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.clip), cfg)
+    vcfg = vision.config
+    num_patches = (vcfg.image_size // vcfg.patch_size) ** 2
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    config = LlavaConfig(
+        vision_config=vcfg, text_config=text_config, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=num_patches, vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    torch.manual_seed(cfg.seed)
+    model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(vision.state_dict())
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    processor = LlavaProcessor(
+        image_processor=AutoImageProcessor.from_pretrained(cfg.clip), tokenizer=tokenizer,
+        patch_size=vcfg.patch_size, vision_feature_select_strategy="default", chat_template=vicuna_template(system=""),
+        image_token=IMAGE_TOKEN, num_additional_image_tokens=1)  # +1: CLIP's CLS, dropped by "default"
+    return model, processor
+
+
+def _quietly(fn, *args):
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return fn(*args)
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _captioner_tokenizer(tokenizer, cfg: BuildConfig):
+    """The decoder's tokenizer: + `<image>`, a pad token, left padding, BOS only."""
+    from tokenizers import processors
+
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.bos_token is None or tokenizer.eos_token is None:
+        raise ValueError("the captioner's tokenizer needs bos and eos tokens")
+    # LLaMA-style: the tokenizer adds BOS and nothing else. A CLIP-style post-processor would also
+    # append EOS after the prompt, telling the decoder the answer is over before it starts.
+    bos = tokenizer.bos_token
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_token_id)])
+    tokenizer.model_max_length = cfg.max_position_embeddings
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"  # batched generation needs it
+    return tokenizer
+
+
+def load_captioner(path: str | Path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(str(path)), AutoProcessor.from_pretrained(str(path))
+
+
+# ----------------------------------------------------------------------------- data
+
+def read_pairs(cfg: DataConfig) -> tuple[list[Pair], Counter]:
+    """(image, caption) pairs from the shards; returns them and a Counter of skip reasons."""
+    if not cfg.shards:
+        raise ValueError("data.shards is empty: pass --shards DIR")
+    pairs: list[Pair] = []
+    skipped: Counter = Counter()
+    for shard in expand_shards(cfg.shards):
+        for sample in iter_tar_samples(shard):
+            pair, reason = _to_pair(sample, cfg)
+            if pair is not None:
+                pairs.append(pair)
+            elif reason != "not curated":
+                log.warning("%s/%s skipped: %s", shard.name, sample.key, reason)
+            skipped[reason] += pair is None
+            if cfg.max_samples and len(pairs) >= cfg.max_samples:
+                return pairs, +skipped
+    return pairs, +skipped
+
+
+def _to_pair(sample, cfg: DataConfig) -> tuple[Pair | None, str]:
+    if sample.error:
+        return None, sample.error
+    try:
+        meta = json.loads(sample.files.get("json", b"{}").decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"unreadable json: {exc}"
+    if cfg.curated_only and meta.get("curated") is not True:
+        return None, "not curated"
+    caption = _field(sample.files, meta, cfg.caption_field)
+    if not isinstance(caption, str) or not caption.strip():
+        return None, f"no caption in field {cfg.caption_field!r}"
+    ext = next((e for e in IMAGE_EXTS if e in sample.files), None)
+    if ext is None:
+        return None, "no image member"
+    try:
+        image = decode_image(sample.files[ext]).image
+    except BadImage as exc:
+        return None, str(exc)
+    org = _field(sample.files, meta, "txt") or meta.get("caption") or ""
+    return Pair(sample.key, image, caption.strip(), org), ""
+
+
+def _field(files: dict, meta: dict, name: str):
+    if name == "txt":
+        try:
+            return files.get("txt", b"").decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return meta.get(name)
+
+
+# ----------------------------------------------------------------------------- batches
+
+def encode_prompts(processor, images: list[Image.Image], prompts: list[str]) -> dict:
+    """Image + prompt -> the user turn's ids and pixel values, made exactly as the captioning
+    backend makes them (`apply_chat_template`, tokenized), so training sees inference's tokens."""
+    conversations = [[{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": text}]}]
+                     for img, text in zip(images, prompts)]
+    return processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
+                                         return_dict=True, processor_kwargs={"padding": False})
+
+
+@dataclasses.dataclass
+class Example:
+    """One encoded training sequence: the prompt (with image tokens) then the answer."""
+
+    input_ids: list[int]
+    num_prompt: int
+    pixel_values: torch.Tensor
+
+
+class Batcher:
+    """Pairs -> encoded examples (once, up front) -> padded batches with labels on the answer only."""
+
+    def __init__(self, processor, prompt_preset: str, max_length: int, chunk: int = 64):
+        from .prompts import build_prompt
+
+        self.processor, self.tokenizer = processor, processor.tokenizer
+        self.prompt_preset, self.build_prompt = prompt_preset, build_prompt
+        self.max_length, self.chunk = max_length, chunk
+        self.truncated = 0
+
+    def encode(self, pairs: list[Pair]) -> list[Example]:
+        out: list[Example] = []
+        for i in range(0, len(pairs), self.chunk):
+            part = pairs[i : i + self.chunk]
+            prompts = [self.build_prompt(self.prompt_preset, p.org_caption) for p in part]
+            enc = encode_prompts(self.processor, [p.image for p in part], prompts)
+            pixels = torch.as_tensor(np.stack(enc["pixel_values"]))
+            out.extend(self._example(list(ids), p.caption, px) for ids, p, px in zip(enc["input_ids"], part, pixels))
+        return out
+
+    def _example(self, prompt_ids: list[int], caption: str, pixel_values: torch.Tensor) -> Example:
+        # The answer is tokenized on its own, with the space that follows "ASSISTANT:", so the
+        # boundary is the one generation continues from.
+        answer = self.tokenizer(" " + caption, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        room = self.max_length - len(prompt_ids)
+        if room < 2:
+            raise ValueError(f"optim.max_length {self.max_length} leaves no room for an answer after "
+                             f"the {len(prompt_ids)}-token prompt (image tokens included)")
+        if len(answer) > room:
+            self.truncated += 1
+            answer = answer[:room]
+        return Example(prompt_ids + answer, len(prompt_ids), pixel_values)
+
+    def collate(self, examples: list[Example]) -> dict:
+        width = max(len(e.input_ids) for e in examples)
+        input_ids = torch.full((len(examples), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, e in enumerate(examples):  # right padding: training has no generation to line up
+            ids = torch.tensor(e.input_ids)
+            input_ids[i, : len(ids)] = ids
+            labels[i, e.num_prompt : len(ids)] = ids[e.num_prompt :]
+            mask[i, : len(ids)] = 1
+        pixel_values = torch.stack([e.pixel_values for e in examples])
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": pixel_values}
+
+
+# ----------------------------------------------------------------------------- training
+
+def set_trainable(model, cfg: FinetuneConfig):
+    """Freeze or unfreeze the three parts; with LoRA wrap the decoder in adapters. Returns the model."""
+    o = cfg.optim
+    parts = {"vision_tower": not o.freeze_vision, "multi_modal_projector": o.train_projector,
+             "language_model": o.train_language_model and not cfg.lora.enabled}
+    for name, param in model.named_parameters():
+        param.requires_grad = any(f".{part}." in f".{name}" and on for part, on in parts.items())
+    if model.lm_head.weight is not None:
+        model.lm_head.weight.requires_grad = parts["language_model"]
+    if cfg.lora.enabled and o.train_language_model:
+        model = _add_lora(model, cfg.lora)
+    return model
+
+
+def _add_lora(model, settings: LoraSettings):
+    from peft import LoraConfig, get_peft_model
+
+    # Adapters only inside the decoder: the vision tower has q/k/v projections with the same names.
+    targets = "|".join(settings.target_modules)
+    pattern = rf".*language_model.*\.({targets})"
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    model = get_peft_model(model, LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                                             target_modules=pattern, bias="none"))
+    for name, param in model.named_parameters():  # peft froze everything else; restore the projector etc.
+        if any(name.endswith(t) for t in trainable):
+            param.requires_grad = True
+    return model
+
+
+def train(model, batcher: Batcher, examples: list[Example], o: OptimSettings) -> dict:
+    """The loop: shuffled epochs, AdamW, warm-up + cosine, grad clip. Returns a summary."""
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: vision tower, projector and language model are all frozen")
+    steps_per_epoch = math.ceil(len(examples) / o.batch_size)
+    total = steps_per_epoch * o.epochs
+    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, min(o.warmup_steps, total // 2), total, min_lr_rate=0.1)
+    rng = random.Random(o.seed)
+    model.train()
+    losses: list[float] = []
+    start = time.perf_counter()
+    bar = tqdm(total=total, desc="finetune", unit="step")
+    for epoch in range(o.epochs):
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for i in range(0, len(order), o.batch_size):
+            batch = batcher.collate([examples[j] for j in order[i : i + o.batch_size]])
+            loss = model(**batch).loss
+            loss.backward()
+            if o.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}")
+        log.info("epoch %d: mean answer loss %.4f", epoch, sum(losses[-steps_per_epoch:]) / steps_per_epoch)
+    bar.close()
+    model.eval()
+    return {"steps": total, "epochs": o.epochs, "seconds": round(time.perf_counter() - start, 1),
+            "first_loss": losses[0], "final_loss": sum(losses[-steps_per_epoch:]) / steps_per_epoch,
+            "trainable_parameters": sum(p.numel() for p in params)}
+
+
+def save(model, processor, out: Path, cfg: FinetuneConfig, summary: dict) -> None:
+    """Write the folder beside `out` and rename it into place, so `out` is complete or absent."""
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.lora.enabled and hasattr(model, "merge_and_unload"):
+        if not cfg.lora.merge:
+            model.save_pretrained(str(tmp / "adapter"))  # adapter_model.safetensors + adapter_config.json
+        model = model.merge_and_unload()
+    model.save_pretrained(str(tmp))
+    processor.save_pretrained(str(tmp))
+    save_config(cfg, tmp / "finetune_config.yaml")
+    atomic_write_text(tmp / "finetune.json", json.dumps(summary, indent=2, sort_keys=True))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def finetune(cfg: FinetuneConfig, out: str | Path) -> dict:
+    """Read pairs, build or load the captioner, train, save to `out`. Returns the summary."""
+    out = Path(out)
+    pairs, skipped = read_pairs(cfg.data)
+    if not pairs:
+        raise ValueError(f"{cfg.data.shards}: no usable (image, caption) pairs (skipped: {dict(skipped)})")
+    log.info("%d pairs from %s (skipped: %s)", len(pairs), cfg.data.shards, dict(skipped))
+    model, processor = load_captioner(cfg.model) if cfg.model else build_captioner(cfg.build)
+    model = set_trainable(model, cfg)
+    batcher = Batcher(processor, cfg.prompt_preset, cfg.optim.max_length)
+    summary = train(model, batcher, batcher.encode(pairs), cfg.optim)
+    summary.update(pairs=len(pairs), skipped=dict(skipped), captions_truncated=batcher.truncated,
+                   lora=("merged" if cfg.lora.merge else "merged + adapter/") if cfg.lora.enabled else None,
+                   config=to_dict(cfg))
+    save(model, processor, out, cfg, summary)
+    log.info("saved the captioner to %s (final answer loss %.4f, %.0f s)", out, summary["final_loss"],
+             summary["seconds"])
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="t2i-recap caption finetune", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML file (configs/caption/finetune_*.yaml)")
+    parser.add_argument("--shards", help="training shards (sets data.shards)")
+    parser.add_argument("--clip", help="CLIP folder for a new captioner (sets build.clip)")
+    parser.add_argument("--model", help="existing LLaVA folder to fine-tune (sets model)")
+    parser.add_argument("--out", required=True, help="output folder (a transformers model folder)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--overwrite", action="store_true", help="retrain even if OUT holds a finished run")
+    args = parser.parse_args(argv)
+    setup_logging()
+    overrides = list(args.set)
+    for flag, key in ((args.shards, "data.shards"), (args.clip, "build.clip"), (args.model, "model")):
+        if flag:
+            overrides.append(f"{key}={json.dumps(flag)}")
+    cfg = load_config(FinetuneConfig, args.config, overrides)
+    if (Path(args.out) / "finetune.json").is_file() and not args.overwrite:
+        print(f"{args.out} already holds a finished fine-tune (finetune.json); pass --overwrite to retrain")
+        return 0
+    summary = finetune(cfg, args.out)
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""`t2i-recap caption finetune`: tiny LLaVA assembly, answer-only loss, full and LoRA training,
+standard transformers folders that the captioning backend loads."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+
+from fixtures_captioner_train import FAST_FINETUNE
+from t2i_recap.captioner import finetune
+from t2i_recap.config import load_config
+
+
+def _cfg(shards, clip, *extra):
+    return load_config(finetune.FinetuneConfig, None,
+                       [f"data.shards={shards}", f"build.clip={clip}", *FAST_FINETUNE, *extra])
+
+
+def test_built_captioner_keeps_the_clip_vision_tower(captioner_clip_dir):
+    from transformers import CLIPVisionModel
+
+    model, processor = finetune.build_captioner(_cfg("x", captioner_clip_dir).build)
+    clip = CLIPVisionModel.from_pretrained(str(captioner_clip_dir)).state_dict()
+    tower = model.model.vision_tower.state_dict()
+    assert all(torch.equal(clip[k], tower[k]) for k in clip)
+    assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert processor.tokenizer.pad_token is not None and processor.tokenizer.padding_side == "left"
+    ids = processor.tokenizer("a red circle")["input_ids"]
+    assert ids[0] == processor.tokenizer.bos_token_id and ids[-1] != processor.tokenizer.eos_token_id
+
+
+def test_labels_cover_the_answer_only_and_prompt_matches_the_backend(shapes_shards, captioner_clip_dir, tmp_path):
+    """The training prompt tokens are exactly what TransformersBackend feeds at captioning time."""
+    from t2i_recap.captioner.backend import TransformersBackend
+    from t2i_recap.captioner.prompts import RECAP_PROMPT
+
+    cfg = _cfg(shapes_shards, captioner_clip_dir)
+    pairs, _ = finetune.read_pairs(cfg.data)
+    model, processor = finetune.build_captioner(cfg.build)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    batcher = finetune.Batcher(processor, "recap", cfg.optim.max_length)
+    examples = batcher.encode(pairs[:3])
+    batch = batcher.collate(examples)
+    tok = processor.tokenizer
+    for i, (pair, ex) in enumerate(zip(pairs[:3], examples)):
+        answer = tok(" " + pair.caption, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        labels = batch["labels"][i]
+        assert labels[: ex.num_prompt].eq(-100).all()
+        assert labels[labels != -100].tolist() == answer
+        assert batch["attention_mask"][i].sum() == ex.num_prompt + len(answer)
+    backend = TransformersBackend(str(tmp_path), device="cpu")
+    served = backend._inputs([pairs[0].image], [RECAP_PROMPT])["input_ids"][0].tolist()
+    assert served == examples[0].input_ids[: examples[0].num_prompt]
+    assert torch.allclose(backend._inputs([pairs[0].image], [RECAP_PROMPT])["pixel_values"][0], examples[0].pixel_values)
+
+
+def test_finetune_cli_saves_a_standard_folder_that_generates(shapes_shards, captioner_clip_dir, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from t2i_recap.captioner.backend import TransformersBackend
+
+    out = tmp_path / "captioner"
+    args = ["--shards", str(shapes_shards), "--clip", str(captioner_clip_dir), "--out", str(out)]
+    sets = [a for s in FAST_FINETUNE for a in ("--set", s)]
+    assert finetune.main(args + sets) == 0
+    summary = json.loads((out / "finetune.json").read_text())
+    assert summary["pairs"] == 16 and summary["steps"] == 2  # 16 curated of 64, batch 8
+    assert summary["skipped"]["not curated"] == 48
+    model = LlavaForConditionalGeneration.from_pretrained(str(out))
+    processor = AutoProcessor.from_pretrained(str(out))
+    assert type(processor).__name__ == "LlavaProcessor" and processor.chat_template
+    assert not list(out.glob("*.bin")) and (out / "model.safetensors").is_file()
+    gens = TransformersBackend(str(out), device="cpu").caption(
+        [finetune.read_pairs(_cfg(shapes_shards, captioner_clip_dir).data)[0][0].image] * 2, ["x", "x"],
+        max_new_tokens=5)
+    assert len(gens) == 2 and all(g.num_tokens <= 5 for g in gens)
+    assert model.config.text_config.num_hidden_layers == 1
+    # A rerun finds the finished folder and leaves it alone.
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    assert finetune.main(args + sets) == 0
+    assert (out / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_training_fits_a_few_captions(shapes_shards, captioner_clip_dir, tmp_path):
+    """Answer loss falls far on 8 pairs: labels, masks and the optimizer are wired right."""
+    cfg = _cfg(shapes_shards, captioner_clip_dir, "data.max_samples=8", "optim.epochs=30", "optim.lr=1e-2",
+               "optim.warmup_steps=2")
+    summary = finetune.finetune(cfg, tmp_path / "fit")
+    assert summary["final_loss"] < 0.5 * summary["first_loss"], summary
+
+
+def test_lora_merged_and_kept_adapter(shapes_shards, captioner_clip_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    cfg = _cfg(shapes_shards, captioner_clip_dir, "lora.enabled=true", "lora.r=4", "lora.merge=false",
+               "optim.lr=1e-2", "optim.epochs=2")
+    base, _ = finetune.build_captioner(cfg.build)
+    summary = finetune.finetune(cfg, tmp_path / "lora")
+    assert summary["lora"] == "merged + adapter/"
+    merged = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "lora"))
+    names = [n for n, _ in merged.named_parameters()]
+    assert not any("lora_" in n for n in names)
+    base_sd, merged_sd = base.state_dict(), merged.state_dict()
+    q = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(base_sd[q], merged_sd[q])  # adapters merged into the decoder
+    v = "model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(base_sd[v], merged_sd[v])  # no adapters and no updates in the frozen tower
+    p = "model.multi_modal_projector.linear_1.weight"
+    assert not torch.equal(base_sd[p], merged_sd[p])  # the projector trains in full
+    assert (tmp_path / "lora" / "adapter" / "adapter_config.json").is_file()
+    wrapped = PeftModel.from_pretrained(base, str(tmp_path / "lora" / "adapter"))
+    assert any("lora_A" in n for n, _ in wrapped.named_parameters())
+
+
+def _write_tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_bad_samples_are_skipped_with_their_reason(shapes_shards, tmp_path):
+    src = sorted(shapes_shards.glob("*.tar"))[0]
+    with tarfile.open(src) as tar:
+        good = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    curated = json.loads(next(d for n, d in good if n.endswith(".json") and json.loads(d).get("curated")))
+    bad_json = json.dumps({**curated, "key": "bad000001"}).encode()
+    no_caption = json.dumps({**curated, "key": "bad000002", "gold_caption": None}).encode()
+    _write_tar(tmp_path / "00000.tar", good + [
+        ("bad000001.png", b"not a png"), ("bad000001.json", bad_json),
+        ("bad000002.png", next(d for n, d in good if n.endswith(".png"))), ("bad000002.json", no_caption),
+        ("bad000003.png", b""), ("bad000003.json", b"{not json"),
+    ])
+    cfg = finetune.DataConfig(shards=str(tmp_path))
+    pairs, skipped = finetune.read_pairs(cfg)
+    assert len(pairs) == 8  # the 8 curated samples of the copied shard
+    reasons = " | ".join(skipped)
+    assert "not a recognised image format" in reasons and "no caption in field 'gold_caption'" in reasons
+    assert "unreadable json" in reasons
+
+
+def test_bad_config_values_name_the_key(tmp_path):
+    from t2i_recap.config import ConfigError
+
+    with pytest.raises(ConfigError, match="hidden_size"):
+        load_config(finetune.FinetuneConfig, None, ["build.hidden_size=30", "build.num_heads=4"])
+    with pytest.raises(ConfigError, match="nothing|lr"):
+        load_config(finetune.FinetuneConfig, None, ["optim.lr=0"])
+    with pytest.raises(ValueError, match="--shards"):
+        finetune.read_pairs(finetune.DataConfig())
