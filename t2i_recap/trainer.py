@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Literal
@@ -95,7 +96,7 @@ class Trainer:
     def __init__(self, cfg, resume: str | None = None) -> None:
         self.cfg = cfg
         t = cfg.trainer
-        self.acc = Accelerator(mixed_precision=t.mixed_precision,
+        self.acc = Accelerator(mixed_precision=t.mixed_precision, cpu=_cpu_processes(),
                                gradient_accumulation_steps=t.accumulation(_world_size()))
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         if t.allow_tf32 and torch.cuda.is_available():
@@ -325,9 +326,25 @@ class Trainer:
 
 
 def _world_size() -> int:
-    import os
-
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _cpu_processes() -> bool:
+    """Whether to run on CPU; refuses a launch that silently lost its extra processes.
+
+    accelerate only forms a CPU process group with cpu=True and WORLD_SIZE > 1, so without CUDA we
+    pass cpu=True: then `accelerate launch --multi_gpu --num_processes 2` and `torchrun` give N CPU
+    processes. `accelerate launch --cpu --num_processes 2` instead starts ONE process (its simple
+    launcher expects MPI); that case sets MASTER_ADDR but no WORLD_SIZE, and is an error here.
+    """
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    mpi = any(v in os.environ for v in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
+    if use_cpu and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ and not mpi:
+        raise RuntimeError(
+            "accelerate launch --cpu --num_processes N started a single process (accelerate's CPU launcher needs "
+            "MPI). For N CPU processes run `accelerate launch --multi_gpu --num_processes N -m t2i_recap.train ...` "
+            "on a machine without GPUs, or `torchrun --nproc_per_node N -m t2i_recap.train ...`.")
+    return use_cpu or not torch.cuda.is_available()
 
 
 def train(cfg, resume: str | None = None) -> dict:
