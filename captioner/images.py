@@ -42,7 +42,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     except Image.DecompressionBombError as exc:
         raise BadImage(f"decompression bomb: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many types on hostile headers
-        raise BadImage(f"unreadable image header: {type(exc).__name__}: {exc}") from None
+        raise BadImage(f"corrupt or truncated image header: {type(exc).__name__}: {exc}") from None
     # The header gives the size before any pixel is decoded: refuse bombs before they allocate.
     if img.width * img.height > max_pixels:
         raise BadImage(f"decompression bomb: {img.width}x{img.height} pixels exceeds the limit of {max_pixels}")

@@ -56,6 +56,8 @@ class ReaderConfig:
     """HF dataset configuration name."""
     hf_split: str = "train"
     """HF dataset split."""
+    hf_data_files: str | None = None
+    """`data_files` for a packaged builder, e.g. input `webdataset` or `parquet` with local or remote files."""
     samples_per_shard: int = 10_000
     """Samples per shard where the source has no shards of its own (image folders, HF datasets on disk)."""
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -339,7 +341,7 @@ def _hf_shards(name: str, cfg: ReaderConfig) -> list[Shard]:
             Shard(f"{prefix}-{i:05d}", f"{name}[{a}:{b}]", lambda a=a, b=b, i=i: _hf_rows(ds.select(range(a, b)), f"{prefix}-{i:05d}", a, cfg))
             for i, (a, b) in enumerate(bounds)
         ]
-    ds = datasets.load_dataset(name, cfg.hf_config, split=cfg.hf_split, streaming=True)
+    ds = datasets.load_dataset(name, cfg.hf_config, data_files=cfg.hf_data_files, split=cfg.hf_split, streaming=True)
     ds = _undecoded(ds)
     # A streamed dataset's shards are its data files: stable across runs, so resume and the rank
     # split work exactly as for tar shards.

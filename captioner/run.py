@@ -277,7 +277,9 @@ def caption_run(cfg: CaptionRunConfig, dist: Dist | None = None, backend=None) -
     if todo and backend is None:
         from .backend import default_device, make_backend
 
-        device = cfg.device or str(default_device(dist.local_rank))
+        # `accelerate launch --cpu` asks for the CPU even where a GPU exists.
+        cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        device = cfg.device or ("cpu" if cpu else str(default_device(dist.local_rank)))
         backend = make_backend(cfg.backend, cfg.model, device=device, dtype=cfg.dtype,
                                trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
     worker = ShardCaptioner(backend, cfg)

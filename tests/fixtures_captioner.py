@@ -65,7 +65,8 @@ def hostile_images() -> dict[str, tuple[str, bytes]]:
     from PIL import Image
 
     good = Image.new("RGB", (24, 16), (200, 40, 40))
-    jpeg = encode(good, "JPEG", quality=90)
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    jpeg = encode(Image.fromarray(noise), "JPEG", quality=90)  # header intact, scan data cut
     pal = Image.new("P", (16, 16), 0)
     pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
     pal.paste(1, (4, 4, 12, 12))
@@ -75,7 +76,7 @@ def hostile_images() -> dict[str, tuple[str, bytes]]:
     sixteen = Image.fromarray(np.full((16, 16), 32768, dtype=np.uint16))
     return {
         "good": ("png", encode(good, "PNG")),
-        "truncated": ("jpg", jpeg[: len(jpeg) // 2]),
+        "truncated": ("jpg", jpeg[: len(jpeg) * 2 // 3]),
         "zerobyte": ("jpg", b""),
         "notimage": ("jpg", b"<html>this is not an image</html>"),
         "bomb": ("png", png_header_only(20000, 20000)),
