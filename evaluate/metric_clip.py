@@ -102,20 +102,18 @@ class ClipScorer:
         for start in range(0, len(images), batch_size):
             imgs = [to_uint8_tensor(im) for im in images[start:start + batch_size]]
             txts = texts[start:start + batch_size]
-            # The same update CLIPScore.update runs, keeping the per-image scores it sums.
+            # The update CLIPScore.update runs, keeping the per-image scores it would only sum.
             scores, _ = _clip_score_update(imgs, txts, self.metric.model, self.metric.processor)
-            self.metric.score += scores.sum(0).to(self.metric.score.device)
-            self.metric.n_samples += len(txts)
             # Per image, Hessel et al.'s max(100 * cos, 0); torchmetrics clamps only the mean. The
             # two agree whenever cosines are positive, as they are for any trained CLIP.
             out.extend(max(0.0, s) for s in scores.detach().cpu().tolist())
         return out
 
     def summary(self, texts: list[str]) -> dict:
-        """Mean as torchmetrics computes it, plus how many prompts were cut to fit."""
+        """How many prompts were cut to fit the model's text positions."""
         lengths = self.token_lengths(texts)
         truncated = sum(n > self.max_length for n in lengths)
-        return {"torchmetrics_clip_score": float(self.metric.compute()), "max_text_positions": self.max_length,
+        return {"max_text_positions": self.max_length,
                 "truncated_prompts": truncated, "num_prompts": len(texts),
                 "max_prompt_tokens": max(lengths) if lengths else 0}
 

@@ -24,6 +24,7 @@ h3{font-size:16px;margin:18px 0 6px}
 table{border-collapse:collapse;margin:8px 0;font-size:13px}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f2f2f5}
+.ci{color:#666;font-size:11px}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .prov td:first-child{font-weight:600;white-space:nowrap}
 .grid td{max-width:340px}
@@ -62,6 +63,14 @@ def table(headers: list, rows: list[list], cls: str | None = None, num_from: int
     return tag("table", join([tag("thead", head), tag("tbody", body)]), class_=cls)
 
 
+def metric_cell(entry) -> Html:
+    """A metric as mean, with its interval on a second, smaller line."""
+    if isinstance(entry, dict) and entry.get("mean") is not None and entry.get("ci"):
+        lo, hi = entry["ci"]
+        return join([f"{entry['mean']:.3f}", Html("<br>"), tag("span", f"[{lo:.3f}, {hi:.3f}]", class_="ci")])
+    return esc(fmt_metric(entry))
+
+
 def img_data_uri(path: Path) -> str:
     with Image.open(path) as img:
         img = img.convert("RGB")
@@ -83,14 +92,23 @@ def image_cell(out_dir: Path, image: dict) -> Html:
     return tag("span", join([pic, f"seed {image.get('seed')}"]), class_=cls or "im")
 
 
-def bar_chart(categories: list[str], series: dict[str, dict[str, dict]], label: str) -> Html:
+def bar_chart(categories: list[str], series: dict[str, dict[str, dict]], label: str, suffix: str = " prompts") -> Html:
     """Grouped horizontal bars (one group per category, one bar per series) with CI whiskers."""
     colors = ["#3b6fd4", "#e08a1e", "#2a9d44", "#9b4dca", "#d62839", "#777"]
     values = [e["mean"] for s in series.values() for e in s.values() if e and e.get("mean") is not None]
     top = max([1.0] if label in ("oracle accuracy", "constraints met") else values or [1.0]) or 1.0
     bar_h, gap, left, width = 14, 10, 150, 520
     group_h = bar_h * len(series) + gap
-    height = group_h * len(categories) + 40
+    legend = [f"{name}{suffix}" for name in series]
+    # Legend entries flow left to right and wrap; ~7 px per character at 12 px.
+    spots, x, y = [], left, 0
+    for text in legend:
+        w = 14 + 7 * len(text) + 18
+        if x + w > left + width and x > left:
+            x, y = left, y + 18
+        spots.append((x, y))
+        x += w
+    height = group_h * len(categories) + 30 + y + 18
     parts = []
     for ci, cat in enumerate(categories):
         y0 = 10 + ci * group_h
@@ -108,11 +126,10 @@ def bar_chart(categories: list[str], series: dict[str, dict[str, dict]], label: 
                 parts.append(tag("line", x1=f"{lo:.1f}", x2=f"{hi:.1f}", y1=str(y + bar_h / 2 - 1),
                                  y2=str(y + bar_h / 2 - 1), stroke="#222", stroke_width="1.5"))
             parts.append(tag("text", f"{entry['mean']:.2f}", x=f"{left + w + 4:.1f}", y=str(y + bar_h - 4), font_size="10"))
-    legend_y = height - 12
-    for si, name in enumerate(series):
-        x = left + si * 140
-        parts.append(tag("rect", x=str(x), y=str(legend_y - 9), width="10", height="10", fill=colors[si % len(colors)]))
-        parts.append(tag("text", f"{name} prompts", x=str(x + 14), y=str(legend_y), font_size="12"))
+    legend_y = 10 + group_h * len(categories) + 16
+    for si, (text, (x, dy)) in enumerate(zip(legend, spots)):
+        parts.append(tag("rect", x=str(x), y=str(legend_y + dy - 9), width="10", height="10", fill=colors[si % len(colors)]))
+        parts.append(tag("text", text, x=str(x + 14), y=str(legend_y + dy), font_size="12"))
     return tag("svg", join(parts), xmlns="http://www.w3.org/2000/svg", width=str(left + width + 60),
                height=str(height), role="img", aria_label=f"{label} by category")
 
@@ -134,7 +151,7 @@ def provenance_table(report: dict) -> Html:
 def metrics_table(variants: dict, label_head: str = "prompts") -> Html:
     cols = metric_columns(list(variants.values()))
     headers = [label_head] + [LABELS.get(c, c) + (" (lower is better)" if c in LOWER_IS_BETTER else "") for c in cols]
-    rows = [[name] + [fmt_metric(v["metrics"].get(c, v["set_metrics"].get(c))) for c in cols]
+    rows = [[name] + [metric_cell(v["metrics"].get(c, v["set_metrics"].get(c))) for c in cols]
             for name, v in variants.items()]
     return table(headers, rows)
 
@@ -151,7 +168,7 @@ def category_grids(report: dict, out_dir: Path, per_category: int) -> Html:
     first = next(iter(variants.values()))
     by_index = {name: {p["index"]: p for p in v["prompts"]} for name, v in variants.items()}
     sections = []
-    for cat in first["by_category"]:
+    for cat in dict.fromkeys(p["category"] for p in first["prompts"]):
         rows = []
         for p in [p for p in first["prompts"] if p["category"] == cat][:per_category]:
             cells = [tag("div", p["raw_prompt"], class_="prompt")]
@@ -217,7 +234,7 @@ def render_report_html(report: dict, out_dir: Path, per_category: int = 6, worst
         body += [tag("h2", f"{LABELS[key]} by category"), bar_chart(cats, series, LABELS[key])]
         if "comparison" not in report:
             body.append(table(["category"] + list(variants),
-                              [[c] + [fmt_metric(series[n][c]) for n in variants] for c in cats]))
+                              [[c] + [metric_cell(series[n][c]) for n in variants] for c in cats]))
     body += [tag("h2", "Images by category"),
              tag("p", "Green border: the oracle read the image as satisfying every constraint; red: it did not. "
                       "Hover an image for the scene the oracle read.", class_="note"),

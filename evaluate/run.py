@@ -156,8 +156,9 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def run_eval(cfg: EvalConfig, argv: list[str] | None = None) -> Path:
-    """The whole evaluation; returns the path of report.json."""
+def run_eval(cfg: EvalConfig, argv: list[str] | None = None, generate=None) -> Path:
+    """The whole evaluation; returns the path of report.json. `generate(pipe, prompts, seeds,
+    settings) -> images` replaces the pipeline call (tests render gold scenes or noise with it)."""
     from .generate import generate_variant, model_info, resolve_model
     from .protocol import build_variants, cached_recaptions
     from .report import build_report, write_reports
@@ -187,7 +188,8 @@ def run_eval(cfg: EvalConfig, argv: list[str] | None = None) -> Path:
     if cfg.scheduler:
         _swap_scheduler(pipe, cfg.scheduler)
     gen_started = time.time()
-    generated = {v.name: generate_variant(pipe, out, v.name, v.prompts, settings) for v in variants}
+    extra = {"generate": generate} if generate is not None else {}
+    generated = {v.name: generate_variant(pipe, out, v.name, v.prompts, settings, **extra) for v in variants}
     gen_seconds = time.time() - gen_started
     del pipe
     from .score import score_variant
