@@ -146,13 +146,17 @@ class TransformersBackend:
         return {k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
 
     @torch.inference_mode()
-    def caption(self, images: list[Image.Image], prompts: list[str], max_new_tokens: int = 128) -> list[Generation]:
-        """Greedy decoding, at most `max_new_tokens` new tokens per image (the paper: 128)."""
+    def caption(self, images: list[Image.Image], prompts: list[str], max_new_tokens: int = 128,
+                min_new_tokens: int = 0) -> list[Generation]:
+        """Greedy decoding, at most `max_new_tokens` new tokens per image (the paper: 128).
+
+        `min_new_tokens` forces longer outputs (benchmarks time a fixed number of tokens with it).
+        """
         if not images:
             return []
         inputs = self._inputs(images, prompts)
         out = self.model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+            **inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None, do_sample=False, num_beams=1,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=sorted(self.stop_ids),
         )
         new_tokens = out[:, inputs["input_ids"].shape[1]:].tolist()

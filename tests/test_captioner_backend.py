@@ -85,3 +85,17 @@ def test_unknown_backend_and_model_errors(tmp_path):
         import torch
 
         resolve_dtype("float8", torch.device("cpu"))
+
+
+@pytest.mark.gpu
+def test_gpu_defaults_to_bf16_and_sdpa(tiny_llava_dir):
+    import torch
+
+    from t2i_recap.captioner.backend import TransformersBackend
+
+    backend = TransformersBackend(str(tiny_llava_dir), device="cuda")
+    assert backend.dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    assert backend.describe()["attn_implementation"] == "sdpa"
+    images, prompts = _images_and_prompts(4)
+    gens = backend.caption(images, prompts, max_new_tokens=8)
+    assert len(gens) == 4 and all(g.num_tokens <= 8 for g in gens)

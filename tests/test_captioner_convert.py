@@ -112,3 +112,13 @@ def test_leftover_and_unsupported_checkpoints_fail(original_llava, tmp_path):
 
     with pytest.raises(ConversionError, match="not an original-LLaVA"):
         convert(original_llava.tower_dir, tmp_path / "out3")
+
+
+def test_convert_command(original_llava, tmp_path, capsys):
+    from t2i_recap.cli import main
+
+    assert main(["caption", "convert", "--src", str(original_llava.src), "--out", str(tmp_path / "hf"),
+                 "--chat-template", "vicuna_v1", "--system-prompt", ""]) == 0
+    assert json.loads(capsys.readouterr().out)["chat_template"] == "vicuna_v1"
+    assert (tmp_path / "hf" / "config.json").exists()
+    assert main(["caption", "convert", "--src", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
