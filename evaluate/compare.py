@@ -22,7 +22,7 @@ from .report import LABELS, fmt_metric, md_cell, versions
 from .stats import mean_ci
 
 # Keys an export's t2i_recap.json may use for the share of original captions (the paper's p).
-P_KEYS = ("caption_mix_p", "p", "original_caption_prob", "p_original", "mix_p")
+P_KEYS = ("caption_p", "caption_mix_p", "p", "original_caption_prob", "p_original", "mix_p")
 COLUMNS = ("oracle_geneval", "oracle_fraction", "clip_score", "vqa", "vqa_derived", "fd_clip", "cmmd", "fid")
 
 

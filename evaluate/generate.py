@@ -9,7 +9,6 @@ rerun generates only the missing ones.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,28 +50,25 @@ def resolve_model(model: str | Path, work_dir: Path) -> Path:
         return model
     if not model.is_dir():
         raise FileNotFoundError(f"--model {model}: no such folder")
+    if not (model / "config.yaml").is_file():
+        raise FileNotFoundError(f"--model {model}: neither an exported pipeline (no model_index.json) nor a "
+                                "training run (no config.yaml)")
     target = work_dir / "model"
     if not (target / "model_index.json").is_file():
-        from t2i_recap import export
+        from t2i_recap.export import export
 
-        log.info("%s is not an exported pipeline (no model_index.json); exporting it to %s", model, target)
-        rc = export.main(["--run", str(model), "--out", str(target)])
-        if rc or not (target / "model_index.json").is_file():
-            raise RuntimeError(f"--model {model}: neither an exported pipeline nor an exportable run (export rc={rc})")
+        log.info("%s is a training run; exporting its latest checkpoint to %s", model, target)
+        export(model, target, overwrite=True)
     return target
 
 
 def model_info(model_dir: Path) -> dict:
     """The export sidecar plus a content hash of every file in the folder (the model's identity)."""
     sidecar = model_dir / SIDECAR
+    from .weights import folder_sha256
+
     info = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
-    h = hashlib.sha256()
-    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(model_dir)).encode() + b"\0")
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return {"path": str(model_dir.resolve()), "sha256": h.hexdigest(), "sidecar": info}
+    return {"path": str(model_dir.resolve()), "sha256": folder_sha256(model_dir), "sidecar": info}
 
 
 def _generate(pipe, prompts: list[str], seeds: list[int], s: GenSettings) -> list[Image.Image]:

@@ -88,7 +88,10 @@ def _caption_with_model(model: str, suite: Suite, resolution: int, images_root: 
         for r, gen in zip(batch, backend.caption(images, [prompt] * len(batch), max_new_tokens=max_new_tokens)):
             out[r.index] = gen.text.strip() or None
             finish[gen.finish_reason] = finish.get(gen.finish_reason, 0) + 1
-    meta = {"model": str(model), "prompt": prompt, "max_new_tokens": max_new_tokens,
+    from .weights import folder_sha256
+
+    meta = {"model": str(model), "sha256": folder_sha256(model), "backend": backend.describe(),
+            "prompt": prompt, "max_new_tokens": max_new_tokens,
             "reference_resolution": resolution, "finish_reasons": finish}
     return out, skipped, meta
 

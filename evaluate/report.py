@@ -96,6 +96,15 @@ def _set_values(set_metrics: dict) -> dict:
     return out
 
 
+def _ident(path: str | None) -> dict | None:
+    """A metric model's path and content hash."""
+    from .weights import folder_sha256
+
+    if not path:
+        return None
+    return {"path": str(Path(path).resolve()), "sha256": folder_sha256(path) if Path(path).exists() else None}
+
+
 def build_report(*, cfg, suite, model: dict, settings, variants: dict, recaption: dict, scheduler,
                  timing: dict, argv: list[str] | None) -> dict:
     out_variants = {}
@@ -123,8 +132,9 @@ def build_report(*, cfg, suite, model: dict, settings, variants: dict, recaption
                 "seed_rule": "seed + prompt_index * images_per_prompt + k (same for every prompt form)",
                 "scheduler": scheduler},
             "recaption": recaption,
-            "metrics": {"oracle_min_confidence": cfg.oracle_min_confidence, "clip": cfg.clip, "vqa_model": cfg.vqa_model, "reference": cfg.reference,
-                        "inception_weights": cfg.inception_weights, "fid_antialias": cfg.fid_antialias,
+            "metrics": {"oracle_min_confidence": cfg.oracle_min_confidence, "clip": _ident(cfg.clip),
+                        "vqa_model": _ident(cfg.vqa_model), "reference": cfg.reference,
+                        "inception_weights": _ident(cfg.inception_weights), "fid_antialias": cfg.fid_antialias,
                         "bootstrap": "percentile, 1000 resamples of prompts, 95%"},
             "versions": versions(), "command": argv, "config": dataclasses.asdict(cfg),
         },

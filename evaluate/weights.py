@@ -42,3 +42,18 @@ def require_file(path: str | Path | None, flag: str, what: str) -> Path:
         raise MissingWeightsError(f"{what} ({flag}): weights file {path} does not exist "
                                   "(metrics load only local weights, never from a hub)")
     return path
+
+
+def folder_sha256(path: str | Path) -> str:
+    """Content hash of every file under `path` (names and bytes): a model's identity in reports."""
+    import hashlib
+
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(str(f.relative_to(path) if f != path else f.name).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

@@ -57,7 +57,7 @@ def build_tiny_pipeline(out, tokenizer_dir, seed: int = 0):
     pipe.save_pretrained(str(out))
     (out / "t2i_recap.json").write_text(json.dumps({
         "resolution": EVAL_RES, "max_sequence_length": 32, "objective": "ddpm_eps",
-        "num_inference_steps": 2, "guidance_scale": 2.0, "caption_mix_p": 0.0}))
+        "num_inference_steps": 2, "guidance_scale": 2.0, "caption_p": 0.0}))
     return out
 
 

@@ -141,7 +141,7 @@ def test_missing_metric_weights_fail_before_generating(tmp_path, eval_pipeline_d
 def test_compare_builds_table7_with_paired_intervals(tmp_path, eval_pipeline_dir, tiny_run, capsys):
     other_model = tmp_path / "model_p1"
     shutil.copytree(eval_pipeline_dir, other_model)
-    sidecar = json.loads((other_model / "t2i_recap.json").read_text()) | {"caption_mix_p": 1.0}
+    sidecar = json.loads((other_model / "t2i_recap.json").read_text()) | {"caption_p": 1.0}
     (other_model / "t2i_recap.json").write_text(json.dumps(sidecar))
     suite = shapes_suite(per_category=2)
     run_eval(_cfg(tmp_path / "p1", other_model, recaption="gold"), generate=_gold_generator(suite))
@@ -164,3 +164,37 @@ def test_compare_builds_table7_with_paired_intervals(tmp_path, eval_pipeline_dir
     (tmp_path / "y" / "report.json").write_text(json.dumps(hostile))
     with pytest.raises(ValueError, match="different prompt suites"):
         compare([tiny_run, tmp_path / "y"])
+
+
+def test_run_over_a_trained_run_folder_exports_it_first(tmp_path, train_assets, train_shards):
+    """`--model RUN`: a training run's checkpoint (trained a few steps here) is exported, then evaluated."""
+    from fixtures_train import train_config_dict
+    from t2i_recap.train_config import TrainConfig
+    from t2i_recap.trainer import train
+
+    shards, side = train_shards
+    run = tmp_path / "run"
+    train(from_dict(TrainConfig, train_config_dict(train_assets, shards, run, side, trainer={"max_steps": 2},
+                                                   checkpoint={"every_steps": 2}, validation={"every_steps": -1})))
+    path = run_eval(_cfg(tmp_path, run, per_category=1, images_per_prompt=1))
+    report = json.loads(path.read_text())
+    assert (path.parent / "model" / "model_index.json").is_file()
+    assert report["provenance"]["model"]["sidecar"]["caption_p"] == 0.0
+    assert report["variants"]["raw"]["metrics"]["oracle_accuracy"]["n"] == len(shapes_suite(per_category=1).records)
+    for name in ("report.json", "report.md", "report.html"):
+        assert (path.parent / name).stat().st_size > 0
+
+
+def test_recaptions_and_vqa_from_a_local_captioner(tmp_path, eval_pipeline_dir, tiny_llava_dir):
+    """The paper's protocol with a real (tiny, random) LLaVA folder: it recaptions the gold render of
+    each prompt and answers the VQA questions; both are recorded with the model's hash."""
+    cfg = _cfg(tmp_path, eval_pipeline_dir, per_category=1, images_per_prompt=1, recaption=str(tiny_llava_dir),
+               vqa_model=str(tiny_llava_dir), recaption_max_new_tokens=6)
+    report = json.loads(run_eval(cfg, generate=_noise_generator).read_text())
+    recap = report["provenance"]["recaption"]
+    assert recap["source"] == "captioner" and len(recap["sha256"]) == 64 and recap["max_new_tokens"] == 6
+    assert report["provenance"]["metrics"]["vqa_model"]["sha256"] == recap["sha256"]
+    texts = [json.loads(line) for line in (tmp_path / "eval" / "recaptions.jsonl").read_text().splitlines()[1:]]
+    assert len(texts) == len(shapes_suite(per_category=1).records)
+    for v in report["variants"].values():
+        assert 0.0 <= v["metrics"]["vqa"]["mean"] <= 1.0 and 0.0 <= v["metrics"]["vqa_derived"]["mean"] <= 1.0
