@@ -109,7 +109,10 @@ class Checkpointer:
         """Write a complete checkpoint (main process only) and rotate old ones."""
         final = self.dir / f"step-{step:08d}"
         tmp = self.dir / f".tmp-step-{step:08d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        # A run killed mid-save leaves its temp folder (another pid's name): a full checkpoint's worth
+        # of disk per crash. Only the main process of the one run owning this folder saves here.
+        for stale in self.dir.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in model.items()}, str(tmp / "model.safetensors"))
         if ema is not None:
