@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from t2i_recap.config import load_config
 from t2i_recap.logging_utils import setup_logging
@@ -23,10 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     from t2i_recap.train_config import TrainConfig
-    from t2i_recap.trainer import train
+    from t2i_recap.trainer import NonFiniteLossError, train
 
     cfg = load_config(TrainConfig, args.config, args.set)
-    summary = train(cfg, resume=args.resume)
+    try:
+        summary = train(cfg, resume=args.resume)
+    except NonFiniteLossError as exc:  # a clear one-line reason, not a traceback
+        print(f"t2i-recap train: error: {exc}", file=sys.stderr)
+        return 3
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:

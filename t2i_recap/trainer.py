@@ -74,8 +74,13 @@ class TrainerConfig:
     """TensorBoard scalars every N steps."""
     allow_tf32: bool = True
     """Allow TF32 matmuls on Ampere+ GPUs (3x faster fp32 at tiny precision cost)."""
+    on_nonfinite_loss: Literal["stop", "skip"] = "stop"
+    """A NaN/inf loss on any process: `stop` raises before the weights change (the newest checkpoint
+    stays the last good one); `skip` drops that step's update and goes on (counted in the summary)."""
 
     def __post_init__(self) -> None:
+        if self.on_nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite_loss must be 'stop' or 'skip', got {self.on_nonfinite_loss!r}")
         if self.max_steps < 1 or self.batch_size < 1 or self.micro_batch_size < 1 or self.log_every < 1:
             raise ValueError("max_steps, batch_size, micro_batch_size and log_every must be >= 1")
 
@@ -85,6 +90,10 @@ class TrainerConfig:
             raise ValueError(f"trainer.batch_size={self.batch_size} is not a multiple of micro_batch_size x processes "
                              f"= {self.micro_batch_size} x {world}")
         return self.batch_size // per_step
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; raised before the optimizer applies it."""
 
 
 def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
@@ -119,6 +128,7 @@ class Trainer:
         self.ema = EMA(model, cfg.ema.decay) if cfg.ema.enabled else None
         self.step, self.cursor, self.samples, self.counts = 0, (0, 0), 0, MixCounts()
         self.truncated = {"original": 0, "recaption": 0, "chosen": 0}
+        self.nonfinite_skipped = 0
         if resume is not None:
             self._restore(self.ckpt.resolve(resume), model)
         if cfg.model.compile:
@@ -165,6 +175,7 @@ class Trainer:
         self.step, self.samples = state["step"], state["samples"]
         self.counts = MixCounts(**state["mix_counts"])
         self.truncated = state["truncated"]
+        self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
         if state["world_size"] == self.world:
             self.cursor = tuple(state["ranks"][self.rank]["cursor"])
             set_rng_state(state["ranks"][self.rank]["rng"])
@@ -202,27 +213,30 @@ class Trainer:
     def train_step(self, batches) -> dict:
         """One optimizer step over `accumulation` micro-batches."""
         t0, accum = time.perf_counter(), self.acc.gradient_accumulation_steps
-        losses, n, grad_norm = [], 0, float("nan")
+        losses, n, grad_norm, finite = [], 0, float("nan"), True
         for micro in range(accum):
             batch = next(batches)
             with self.acc.accumulate(self.model):
                 loss, counts, trunc = self._micro_step(batch, step_generator(self.cfg.trainer.seed, self.rank,
                                                                              self.step, micro))
                 self.acc.backward(loss)
-                if self.acc.sync_gradients and self.cfg.optim.max_grad_norm > 0:
+                losses.append(loss.detach())
+                if self.acc.sync_gradients:  # checked before the update, so a bad step never lands
+                    finite = self._check_finite(losses)
+                if finite and self.acc.sync_gradients and self.cfg.optim.max_grad_norm > 0:
                     grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm))
                 for group in self.opt.param_groups:
                     group["lr"] = self.lr(self.step)
-                self.opt.step()
+                if finite:
+                    self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
             n += len(batch["key"])
             self.cursor = tuple(batch["cursor"])
             self.counts.add(counts)
             for k, v in trunc.items():
                 self.truncated[k] += v
                 self.truncated["chosen"] += v
-        if self.ema is not None:
+        if self.ema is not None and finite:
             self.ema.update(self._bare())
         self.step += 1
         loss = self.acc.reduce(torch.stack(losses).mean(), reduction="mean")
@@ -230,6 +244,24 @@ class Trainer:
         self.samples += global_n
         return {"loss": float(loss), "lr": self.lr(self.step - 1), "grad_norm": grad_norm,
                 "img_per_s": global_n / (time.perf_counter() - t0)}
+
+    def _check_finite(self, losses: list[torch.Tensor]) -> bool:
+        """True if every micro-batch loss of this step is finite on every process (all must agree)."""
+        bad = self.acc.reduce((~torch.isfinite(torch.stack(losses))).any().float(), reduction="sum")
+        if float(bad) == 0:
+            return True
+        values = [float(v) for v in losses]
+        if self.cfg.trainer.on_nonfinite_loss == "skip":
+            self.nonfinite_skipped += 1
+            log.warning("step %d: non-finite loss %s; update skipped (%d skipped so far)", self.step + 1, values,
+                        self.nonfinite_skipped)
+            return False
+        found = self.ckpt.all()
+        last = str(found[-1][1]) if found else "none yet"
+        raise NonFiniteLossError(
+            f"step {self.step + 1}: the training loss is not finite ({values} on rank {self.rank}); stopped before "
+            f"the update. Last good checkpoint: {last}. Resume it with --resume latest (e.g. with a lower optim.lr "
+            "or mixed_precision=no), or set trainer.on_nonfinite_loss=skip to skip such steps.")
 
     def _bare(self) -> torch.nn.Module:
         return self.acc.unwrap_model(self.model, keep_torch_compile=False)
@@ -243,7 +275,8 @@ class Trainer:
         if self.acc.is_main_process:
             state = {"world_size": self.world, "ranks": sorted(ranks, key=lambda r: r["rank"]),
                      "samples": self.samples, "mix_counts": dataclasses.asdict(self.counts),
-                     "truncated": self.truncated, "config": json.loads(json.dumps(to_dict(self.cfg)))}
+                     "truncated": self.truncated, "nonfinite_skipped": self.nonfinite_skipped,
+                     "config": json.loads(json.dumps(to_dict(self.cfg)))}
             self.ckpt.save(self.step, model=self._bare().state_dict(),
                            ema=self.ema.state_dict() if self.ema else None,
                            optimizer=self.opt.state_dict(), state=state)
@@ -317,7 +350,7 @@ class Trainer:
     def _finish(self, metrics: dict) -> dict:
         summary = {"step": self.step, "samples": self.samples, "last": metrics,
                    "mix_counts": dataclasses.asdict(self.counts), "truncated": self.truncated,
-                   "processes": self.world, "run_dir": str(self.run_dir)}
+                   "nonfinite_skipped": self.nonfinite_skipped, "processes": self.world, "run_dir": str(self.run_dir)}
         if self.acc.is_main_process:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             self.writer.close()
