@@ -4,11 +4,7 @@ real checkpoints do."""
 
 from __future__ import annotations
 
-import io
 import json
-import random
-import shutil
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -37,44 +33,37 @@ def build_tiny_encoders(out: Path, tokenizer_dir: Path) -> Path:
     return out
 
 
-def write_shards(out: Path, *, num_shards: int = 2, per_shard: int = 12, seed: int = 0, resolution: int = TRAIN_RES,
-                 sidecar_dir: Path | None = None, failed_every: int = 5) -> list[Path]:
-    """img2dataset-layout shards of rendered scenes: .png, .txt (web caption), .json (gold_caption);
-    with `sidecar_dir`, a recaption parquet per shard whose every `failed_every`-th row failed."""
+def write_sidecars(shards: Path, sidecar_dir: Path, failed_every: int = 5) -> Path:
+    """Recaption sidecars in the captioner's format for shapes shards: re_caption = the gold caption,
+    every `failed_every`-th row failed (status "error", no recaption)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from t2i_recap.shapes.captions import gold_caption, web_caption
-    from t2i_recap.shapes.render import render
-    from t2i_recap.shapes.world import sample_scene
+    from t2i_recap.shards import iter_tar_samples
 
-    rng = random.Random(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for s in range(num_shards):
-        path = out / f"{s:05d}.tar"
+    sidecar_dir.mkdir(parents=True, exist_ok=True)
+    for tar in sorted(shards.glob("*.tar")):
         rows = []
-        with tarfile.open(path, "w") as tar:
-            for i in range(per_shard):
-                key = f"{s:05d}{i:04d}"
-                scene = sample_scene(rng)
-                buf = io.BytesIO()
-                render(scene, resolution).save(buf, format="PNG")
-                gold, web = gold_caption(scene, rng), web_caption(scene, rng)
-                meta = {"key": key, "caption": web, "status": "success", "gold_caption": gold,
-                        "scene": scene.to_dict()}
-                for ext, data in (("png", buf.getvalue()), ("txt", web.encode()), ("json", json.dumps(meta).encode())):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-                ok = (i % failed_every) != failed_every - 1
-                rows.append({"key": key, "org_caption": web, "re_caption": gold if ok else None,
-                             "status": "success" if ok else "error"})
-        if sidecar_dir is not None:
-            sidecar_dir.mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.Table.from_pylist(rows), sidecar_dir / f"{s:05d}.parquet")
-        paths.append(path)
-    return paths
+        for i, raw in enumerate(iter_tar_samples(tar)):
+            meta = json.loads(raw.files["json"])
+            ok = (i % failed_every) != failed_every - 1
+            rows.append({"key": raw.key, "org_caption": meta["caption"], "re_caption": meta["gold_caption"] if ok else None,
+                         "re_length": len(meta["gold_caption"].split()) if ok else None, "status": "success" if ok else "error"})
+        table = pa.Table.from_pylist(rows).replace_schema_metadata({"captioner": "fixture: gold captions"})
+        pq.write_table(table, sidecar_dir / f"{tar.stem}.parquet")
+    return sidecar_dir
+
+
+def write_shards(out: Path, *, num: int = 24, shard_size: int = 12, seed: int = 0, resolution: int = TRAIN_RES,
+                 sidecar_dir: Path | None = None) -> Path:
+    """Shapes shards (every sample curated, so its json holds a gold caption) + optional sidecars."""
+    from t2i_recap.shapes.make import make_dataset
+
+    make_dataset(out, num, seed=seed, curated_fraction=1.0, resolution=resolution, shard_size=shard_size,
+                 progress=False)
+    if sidecar_dir is not None:
+        write_sidecars(out, sidecar_dir)
+    return out
 
 
 def train_config_dict(assets: Path, shards: Path, run_dir: Path, sidecars: Path | None = None, **sections) -> dict:
@@ -119,5 +108,11 @@ def train_shards(tmp_path_factory):
 
 
 @pytest.fixture
-def copy_tree():
-    return lambda src, dst: shutil.copytree(src, dst)
+def one_thread():
+    """Tiny models on a shared 2-core box run faster (and steadier) on one thread."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
