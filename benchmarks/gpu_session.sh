@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Run the GPU benchmarks on one card and collect their tables under $OUT.
+#
+#   bash benchmarks/gpu_session.sh --fetch-wheels        # HERE (PyPI reachable): wheels the GPU image lacks -> .whl/
+#   bash benchmarks/gpu_session.sh [--dry-run] PART...   # THERE, from the repository root
+#
+# PARTs (each under its own timeout, so one hang or OOM never costs the others' results):
+#   env        card, driver, versions, an 8192^3 bf16 matmul                    (~0.5 min)
+#   train-b4   train_step.py: DiT-B/4,  CLIP-L and T5-XXL text, 3 rows each     (~4 min)
+#   train-b2   train_step.py: DiT-B/2,  CLIP-L text                              (~3 min)
+#   train-xl2  train_step.py: DiT-XL/2, CLIP-L and T5-XXL text                   (~6 min)
+#   e2e        trainer_e2e.py: DiT-B/4 from the feature cache, 0 and 8 workers   (~3 min)
+#   caption    caption_throughput.py: 8B LLaVA shape, batches 32 64 128          (~5 min)
+#   data       data_cpu.py: shard decode and cache read on this machine's CPUs (~2 min)
+#   all        every part above, in that order (more than one 10-minute device call: split it)
+# Minutes are estimates, not measurements. With the device tool, one call per plan line:
+#   run(command="bash benchmarks/gpu_session.sh env train-b4 caption", carry=[".whl"])
+#   run(command="bash benchmarks/gpu_session.sh train-xl2 e2e", carry=[".whl"])
+#   run(command="bash benchmarks/gpu_session.sh train-b2 data", carry=[".whl"])
+# Output (at most 4 files, within the tool's 8-file limit): $OUT/tables.md (every table with its
+# command and environment), $OUT/results.jsonl (one JSON line per row), $OUT/session.log (all output),
+# $OUT/env.txt. Without OUT set, ./bench-out is used. BENCH_BUDGET_S (default 570) is the whole
+# call's budget: each part's timeout is cut to what is left, and a part with under a minute left is skipped.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT" || exit 1
+OUT="${OUT:-$ROOT/bench-out}"
+PY="${PYTHON:-python3}"
+SITE="${BENCH_SITE:-/tmp/bench-site}"
+DRY=0
+# The device tool stops a command at 600 s; every part's timeout is cut to what is left of this budget.
+BUDGET="${BENCH_BUDGET_S:-570}"
+START=$(date +%s)
+# Wheels the GPU image lacks (KINDS.md lists its packages): diffusers, and importlib_metadata for it.
+# importlib_metadata is held below 9, whose new dependency the image also lacks.
+WHEELS=("diffusers==0.42.1" "importlib_metadata==8.7.0")
+
+fetch_wheels() {
+  local exclude
+  exclude="$(git rev-parse --git-path info/exclude)"
+  grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >>"$exclude"
+  mkdir -p .whl
+  "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl "${WHEELS[@]}"
+  ls -la .whl
+}
+
+# run NAME SECONDS CMD...: one benchmark under a timeout, output appended to the session log.
+run() {
+  local name="$1" secs="$2" left
+  shift 2
+  left=$((BUDGET - ($(date +%s) - START) - 15))
+  if [ "$left" -lt "$secs" ]; then secs=$left; fi
+  if [ "$secs" -lt 60 ]; then
+    echo "== $name: skipped, ${left}s left of the ${BUDGET}s budget" | tee -a "$OUT/session.log"
+    [ "$DRY" = 1 ] || echo "- $name: not run (the call's time budget was spent)" >>"$OUT/tables.md"
+    return 0
+  fi
+  echo "== $name (timeout ${secs}s): $*"
+  if [ "$DRY" = 1 ]; then
+    return 0
+  fi
+  local start rc
+  start=$(date +%s)
+  timeout --signal=INT --kill-after=30 "$secs" "$@" 2>&1 | tee -a "$OUT/session.log"
+  rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc after $(($(date +%s) - start)) s" | tee -a "$OUT/session.log"
+  if [ "$rc" = 124 ]; then
+    echo "- $name stopped by its ${secs}s timeout; rows above it are complete." >>"$OUT/tables.md"
+  fi
+  return 0
+}
+
+setup() {
+  if [ "$DRY" = 1 ]; then
+    echo "== setup: install .whl/*.whl and this project into $SITE (offline)"
+    return 0
+  fi
+  mkdir -p "$OUT" "$SITE"
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+      || { echo "wheel install failed" >&2; exit 1; }
+  fi
+  # The project itself: captioner/ and evaluate/ install as t2i_recap.* (package-dir mapping), so a
+  # plain PYTHONPATH=. is not enough; the build needs only setuptools, already in the image.
+  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target "$SITE" . \
+    || { echo "project install failed" >&2; exit 1; }
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+  "$PY" -c "import diffusers, transformers, torch, t2i_recap.captioner.backend; print('imports ok')" \
+    || { echo "imports failed: see above" >&2; exit 1; }
+}
+
+part_env() {
+  if [ "$DRY" = 1 ]; then echo "== env: nvidia-smi, versions -> $OUT/env.txt"; return 0; fi
+  {
+    date -u
+    nvidia-smi || true
+    "$PY" -c "import torch, diffusers, transformers, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'cudnn', torch.backends.cudnn.version(), '| diffusers', diffusers.__version__, '| transformers', transformers.__version__, \
+'| accelerate', accelerate.__version__); print(torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0))"
+    nproc
+  } >"$OUT/env.txt" 2>&1
+  cat "$OUT/env.txt"
+}
+
+common_args() { echo --device cuda --markdown "$OUT/tables.md" --json "$OUT/results.jsonl"; }
+
+part() {
+  local t="benchmarks/train_step.py"
+  # shellcheck disable=SC2046  # common_args is a word list on purpose
+  case "$1" in
+    env) part_env ;;
+    train-b4) run train-b4 480 "$PY" "$t" --sizes paper --models DiT-B/4 --keep-going $(common_args) ;;
+    train-b2) run train-b2 420 "$PY" "$t" --sizes paper --models DiT-B/2 --texts clip-l --keep-going $(common_args) ;;
+    train-xl2) run train-xl2 540 "$PY" "$t" --sizes paper --models DiT-XL/2 --keep-going $(common_args) ;;
+    e2e) run e2e 420 "$PY" benchmarks/trainer_e2e.py --size paper --workers 0 8 $(common_args) ;;
+    caption) run caption 540 "$PY" benchmarks/caption_throughput.py --shape 8b --batch-sizes 32 64 128 \
+      --weights-dir /tmp/bench-llava $(common_args) ;;
+    data) run data 300 "$PY" benchmarks/data_cpu.py --samples 1000 --image-size 512 --device cpu \
+      --markdown "$OUT/tables.md" --json "$OUT/results.jsonl" ;;
+    *) echo "unknown part '$1' (env train-b4 train-b2 train-xl2 e2e caption data all)" >&2; exit 2 ;;
+  esac
+}
+
+main() {
+  local parts=()
+  for a in "$@"; do
+    case "$a" in
+      --fetch-wheels) fetch_wheels; exit $? ;;
+      --dry-run) DRY=1 ;;
+      -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+      all) parts+=(env train-b4 train-b2 train-xl2 e2e caption data) ;;
+      *) parts+=("$a") ;;
+    esac
+  done
+  [ ${#parts[@]} -gt 0 ] || parts=(env train-b4 train-b2 train-xl2 e2e caption data)
+  if [ "$DRY" = 0 ] && ! command -v nvidia-smi >/dev/null 2>&1; then
+    echo "no nvidia-smi here: run this on the GPU machine, or pass --dry-run" >&2
+    exit 1
+  fi
+  setup
+  for p in "${parts[@]}"; do part "$p"; done
+  [ "$DRY" = 1 ] || echo "tables: $OUT/tables.md"
+}
+
+main "$@"

@@ -1,0 +1,191 @@
+"""Trainer end to end: img/s of the real training loop from the feature cache, and the share of time it waits for data.
+
+Runs `t2i_recap.trainer.Trainer(cfg).fit()` itself (the project's data loader, caption mixing, CFG
+dropout, objective, accelerate, EMA) on a feature cache built by `t2i_recap.cache.prepare_cache`
+from synthetic JPEG shards (benchmarks/synthetic.py: random shallow encoders of the real widths,
+so cached rows have their real shapes). Two things are wrapped, nothing is replaced:
+  - the loader `fit()` builds (t2i_recap.trainer.make_loader) is wrapped to time every `next()`;
+  - `train_step` is wrapped to time each optimizer step.
+With one micro-batch per step the step ends in a host sync (the loss is read back), so time spent
+in `next()` is time the GPU sits idle waiting for data. The end-of-run checkpoint is skipped
+(`--checkpoint` keeps it): it is a periodic cost, not a per-step one. Warm-up steps (compilation,
+worker start-up) are excluded.
+
+  python benchmarks/trainer_e2e.py --size paper --device cuda --workers 0 4 8
+  python benchmarks/trainer_e2e.py --size tiny --device cpu --steps 3   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import synthetic  # noqa: E402
+from common import (add_output_args, free_memory, is_oom, median, peak_memory_gib, pick_device,  # noqa: E402
+                    report, reset_peak_memory)
+
+SIZES = {
+    # 256 px, CLIP-L-width text, the paper's DiT-B/4; shards large enough that a step never waits on a shard boundary.
+    "paper": dict(model="DiT-B/4", text="clip-l", resolution=256, image_size=384, samples=4096, shards=4, batch=256),
+    "tiny": dict(model="DiT-tiny/2", text="clip-tiny", resolution=32, image_size=64, samples=48, shards=2, batch=4),
+}
+
+
+class TimedLoader:
+    """Wraps a DataLoader; records how long each `next()` blocks."""
+
+    def __init__(self, loader) -> None:
+        self.loader, self.waits = loader, []
+
+    def __iter__(self):
+        it = iter(self.loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.waits.append(time.perf_counter() - t0)
+            yield batch
+
+
+@contextlib.contextmanager
+def instrumented(trainer_module):
+    """Patch the trainer module's make_loader so the loader fit() builds is a TimedLoader."""
+    loaders: list[TimedLoader] = []
+    original = trainer_module.make_loader
+
+    def make_loader(*args, **kwargs):
+        loaders.append(TimedLoader(original(*args, **kwargs)))
+        return loaders[-1]
+
+    trainer_module.make_loader = make_loader
+    try:
+        yield loaders
+    finally:
+        trainer_module.make_loader = original
+
+
+def train_config(size: dict, work: Path, text_dir: Path, vae_dir: Path, *, workers: int, steps: int, device,
+                 compile_model: bool, run: str):
+    from t2i_recap.config import from_dict
+    from t2i_recap.train_config import TrainConfig
+
+    batch = size["batch"]
+    cfg = {
+        "data": {"shards": str(work / "shards"), "original_caption": "txt", "recaption": "json:re_caption",
+                 "resolution": size["resolution"], "image_extensions": ["jpg"], "num_workers": workers,
+                 "shuffle_buffer": 1000},
+        "text_encoder": {"name_or_path": str(text_dir)},
+        "features": {"vae": str(vae_dir), "dtype": "float16", "cache_dir": str(work / "cache")},
+        "model": {"name": size["model"], "compile": compile_model},
+        "trainer": {"run_dir": str(work / "runs" / run), "max_steps": steps, "batch_size": batch,
+                    "micro_batch_size": batch, "mixed_precision": "bf16" if device.type == "cuda" else "no",
+                    "log_every": 10},
+        "checkpoint": {"every_steps": 10**9, "keep": 1},
+        "validation": {"every_steps": -1},
+    }
+    return from_dict(TrainConfig, cfg, "trainer_e2e.py")
+
+
+def run_row(size: dict, work: Path, enc: tuple[Path, Path], workers: int, args, device) -> dict:
+    import t2i_recap.trainer as trainer_module
+
+    row = {"model": size["model"], "text": size["text"], "batch": size["batch"], "workers": workers}
+    compile_model = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    cfg = train_config(size, work, *enc, workers=workers, steps=args.warmup + args.steps, device=device,
+                       compile_model=compile_model, run=f"w{workers}")
+    free_memory(device)
+    reset_peak_memory(device)
+    steps: list[tuple[float, int]] = []
+    try:
+        trainer = trainer_module.Trainer(cfg)
+        real_step = trainer.train_step
+
+        def timed_step(batches):
+            t0 = time.perf_counter()
+            out = real_step(batches)  # returns floats: the host has waited for the GPU
+            steps.append((time.perf_counter() - t0, out))
+            return out
+
+        trainer.train_step = timed_step
+        if not args.checkpoint:
+            trainer.save = lambda: None
+        with instrumented(trainer_module) as loaders:
+            trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - keep the other rows
+        if not is_oom(exc):
+            raise
+        row["note"] = "out of memory"
+        return row
+    waits = loaders[0].waits[args.warmup:args.warmup + args.steps]
+    times = [s for s, _ in steps[args.warmup:]]
+    total = sum(times)
+    row.update({"img/s": size["batch"] * len(times) / total, "step ms": 1e3 * median(times),
+                "data wait ms": 1e3 * median(waits), "wait %": 100 * sum(waits) / total,
+                "peak GiB": peak_memory_gib(device),
+                "levers": f"mixed_precision={cfg.trainer.mixed_precision}" + (", compile" if compile_model else "")})
+    free_memory(device)
+    return row
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="paper")
+    p.add_argument("--model", default=None, help="override the model, e.g. DiT-XL/2")
+    p.add_argument("--batch", type=int, default=None, help="override the per-step batch")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 4], help="data.num_workers values, one row each")
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per row")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 on GPU, 1 on CPU)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="model.compile: auto = on CUDA")
+    p.add_argument("--checkpoint", action="store_true", help="keep the end-of-run checkpoint (outside the timing)")
+    p.add_argument("--work", default=None, help="folder for shards, encoders, cache and runs (default: temporary)")
+    add_output_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = pick_device(args.device)
+    if device.type == "cuda" and device.index not in (None, 0):
+        raise SystemExit("the trainer runs on accelerate's device; select a GPU with CUDA_VISIBLE_DEVICES instead")
+    if device.type == "cpu":
+        import os
+
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # accelerate would otherwise take a visible GPU
+    args.warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 1)
+    size = dict(SIZES[args.size])
+    size.update({k: v for k, v in (("model", args.model), ("batch", args.batch)) if v})
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
+        work = Path(args.work or tmp)
+        synthetic.write_shards(work / "shards", samples=size["samples"], shards=size["shards"],
+                               image_size=size["image_size"])
+        enc = synthetic.write_encoders(work / "encoders", size["text"])
+        t0 = time.perf_counter()
+        synthetic.build_cache(work / "shards", *enc, work / "cache", resolution=size["resolution"],
+                              device=str(device))
+        prepare_s = time.perf_counter() - t0
+        for workers in args.workers:
+            rows.append(run_row(size, work, enc, workers, args, device))
+    notes = [f"{size['samples']} synthetic samples in {size['shards']} shards at {size['resolution']} px; cache built "
+             f"by prepare_cache in {prepare_s:.1f} s (shallow random encoders: not a prepare benchmark).",
+             f"Median of {args.steps} steps after {args.warmup} warm-up; wait % = time blocked in the loader's next() "
+             "/ step time (one micro-batch per step, so the GPU is idle while it waits).",
+             "The end-of-run checkpoint is " + ("included in the run but not the timing." if args.checkpoint
+                                                 else "skipped (--checkpoint keeps it).")]
+    columns = ["model", "text", "batch", "workers", "img/s", "step ms", "data wait ms", "wait %", "peak GiB",
+               "levers", "note"]
+    report("trainer end to end", rows, columns, args, device, digits={"peak GiB": 2, "data wait ms": 2}, notes=notes)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

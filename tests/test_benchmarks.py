@@ -1,0 +1,134 @@
+"""Each benchmark script runs at its tiny size on the CPU, in a subprocess, and prints its table.
+
+The numbers of a CPU smoke run mean nothing; what is checked is that the script runs end to end
+through the project's code, prints a Markdown table with the expected columns and one row per
+case, and writes JSON rows whose throughputs are positive finite numbers. Also: the GPU session
+script passes `bash -n` and lists every command in --dry-run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def run_script(name: str, args: list[str], tmp_path: Path, timeout: int = 240) -> tuple[str, list[dict]]:
+    out_json = tmp_path / f"{name}.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--device", "cpu", "--json", str(out_json),
+                           *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    rows = [json.loads(line) for line in out_json.read_text().splitlines()]
+    return proc.stdout, rows
+
+
+def table(stdout: str) -> tuple[list[str], list[list[str]]]:
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("|")]
+    assert len(lines) >= 3, f"no Markdown table in:\n{stdout[-2000:]}"
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    assert set("".join(cells[1])) <= {"-"}, "second table line is not the header rule"
+    return cells[0], cells[2:]
+
+
+def positive(rows: list[dict], key: str) -> None:
+    values = [r[key] for r in rows]
+    assert values and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values), (key, values)
+
+
+def test_train_step_tiny(tmp_path):
+    stdout, rows = run_script("train_step", ["--sizes", "tiny", "--texts", "t5-tiny", "--steps", "2",
+                                                    "--warmup", "1"], tmp_path)
+    header, body = table(stdout)
+    for col in ("model", "text", "variant", "batch", "img/s", "TFLOP/s", "MFU %", "peak GiB", "levers"):
+        assert col in header
+    assert len(body) == 3  # 1 model x 1 text shape x 3 variants
+    assert {r["variant"] for r in rows} == {"baseline", "plain-levers", "project"}
+    positive(rows, "img/s")
+    positive(rows, "GFLOP/img")
+    by = {(r["text"], r["variant"]): r for r in rows}
+    # The FLOP counter saw forward + backward of the same architecture in every row of a text shape.
+    for text in {r["text"] for r in rows}:
+        flops = {by[(text, v)]["GFLOP/img"] for v in ("baseline", "plain-levers", "project")}
+        assert max(flops) / min(flops) < 1.01, flops
+    assert "nomask" in by[(rows[0]["text"], "plain-levers")]["levers"]
+    assert "compile skipped" in by[(rows[0]["text"], "plain-levers")]["levers"]  # CPU: honest label, no silent change
+
+
+def test_variant_parsing_and_table_helpers():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import common
+        import train_step
+    finally:
+        sys.path.remove(str(BENCH))
+    v = train_step.Variant.parse("plain-levers")
+    assert (v.base, v.levers) == ("baseline", {"nomask", "compile"})
+    with pytest.raises(SystemExit, match="turbo"):
+        train_step.Variant.parse("baseline+turbo")
+    text = common.markdown_table([{"a": 1234.5, "b": None}], ["a", "b"])
+    assert text.splitlines()[2] == "| 1,234.5 | - |"
+    calls = []
+    times = common.time_repeats(lambda: calls.append(1), device=common.pick_device("cpu"), warmup=2, repeats=3)
+    assert len(calls) == 5 and len(times) == 3 and all(t >= 0 for t in times)
+
+
+def test_caption_throughput_tiny(tmp_path):
+    stdout, rows = run_script("caption_throughput", ["--shape", "tiny", "--batch-sizes", "1", "3",
+                                                     "--new-tokens", "8", "--repeats", "1"], tmp_path)
+    header, body = table(stdout)
+    for col in ("path", "batch", "img/s", "new tokens/img", "TFLOP/s", "MFU %", "peak GiB"):
+        assert col in header
+    assert [(r["path"], r["batch"]) for r in rows] == [("plain generate", 1), ("plain generate", 3),
+                                                        ("TransformersBackend", 1), ("TransformersBackend", 3)]
+    positive(rows, "img/s")
+    assert all(r["new tokens/img"] == 8 for r in rows)  # min_new_tokens forced every caption to full length
+
+
+def test_data_cpu_tiny(tmp_path):
+    stdout, rows = run_script("data_cpu", ["--samples", "24", "--image-size", "128", "--resolution", "64",
+                                           "--caption-size", "64", "--texts", "clip-tiny", "--min-seconds", "0.1",
+                                           "--max-passes", "1", "--batch", "8"], tmp_path)
+    header, body = table(stdout)
+    for col in ("stage", "samples/s (1 process)", "MB/sample", "GPU consumer", "processes needed"):
+        assert col in header
+    stages = {r["stage"] for r in rows}
+    assert any(s.startswith("tar read") for s in stages) and any("feature-cache read, clip-tiny" in s for s in stages)
+    assert any(s.startswith("trainer decode") for s in stages) and any(s.startswith("captioner decode") for s in stages)
+    positive(rows, "samples/s (1 process)")
+    cache = next(r for r in rows if "feature-cache" in r["stage"])
+    # One cached row: 2 captions x 77 x 64 fp16 embeddings + masks + 4x8x8 fp16 mean and logvar, at least.
+    assert cache["MB/sample"] >= (2 * 77 * 64 * 2 + 2 * 4 * 8 * 8 * 2) / 1e6
+
+
+def test_trainer_e2e_tiny(tmp_path):
+    stdout, rows = run_script("trainer_e2e", ["--size", "tiny", "--steps", "2", "--warmup", "1", "--workers", "0",
+                                              "--work", str(tmp_path / "work")], tmp_path)
+    header, body = table(stdout)
+    for col in ("model", "workers", "img/s", "step ms", "data wait ms", "wait %"):
+        assert col in header
+    assert len(rows) == 1 and rows[0]["workers"] == 0
+    positive(rows, "img/s")
+    assert 0 <= rows[0]["wait %"] <= 100
+    assert not list((tmp_path / "work" / "runs" / "w0").glob("checkpoints/step-*")), "checkpoint written by default"
+
+
+def test_gpu_session_script_dry_run(tmp_path):
+    script = BENCH / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    proc = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "OUT": str(tmp_path)}, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("train_step.py", "trainer_e2e.py", "caption_throughput.py", "data_cpu.py"):
+        assert name in proc.stdout
+    assert "timeout" in proc.stdout
+    assert not list(tmp_path.iterdir()) or all(p.stat().st_size == 0 for p in tmp_path.iterdir() if p.is_file())
