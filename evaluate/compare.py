@@ -149,7 +149,7 @@ def render_html(result: dict) -> str:
             body += [tag("h2", f"{LABELS.get(headline, headline)} by category, {vname} prompts"),
                      bar_chart(cats, series, LABELS.get(headline, headline), suffix="")]
     paths = [[row["label"], row["path"], row["model_sha256"][:16]] for row in result["rows"]]
-    body += [tag("h2", "Runs"), table(["run", "folder", "model sha256"], paths, num_from=99)]
+    body += [tag("h2", "Runs"), table(["run", "folder", "model sha256"], paths, num_cols=())]
     return page("t2i-recap comparison", join(body))
 
 

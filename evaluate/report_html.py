@@ -27,11 +27,13 @@ th{background:#f2f2f5}
 .ci{color:#666;font-size:11px}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .prov td:first-child{font-weight:600;white-space:nowrap}
-.grid td{max-width:340px}
+.grid{table-layout:fixed;width:100%}
+.worst{width:100%}.worst td:first-child{width:26%}.worst td:nth-child(2){width:16%}
 .imgs{display:flex;flex-wrap:wrap;gap:4px}
 .im{display:inline-block;text-align:center;font-size:11px}
 .im img{width:72px;height:72px;image-rendering:pixelated;border:3px solid #bbb;display:block}
 .ok img{border-color:#2a9d44}.bad img{border-color:#d62839}
+.read{width:150px;text-align:left;color:#444;white-space:normal}
 .prompt{font-family:ui-monospace,Menlo,monospace;font-size:12px;white-space:pre-wrap;word-break:break-word}
 .note{color:#555;font-size:12px}
 """
@@ -56,9 +58,11 @@ def join(parts) -> Html:
     return Html("".join(esc(p) for p in parts))
 
 
-def table(headers: list, rows: list[list], cls: str | None = None, num_from: int = 1) -> Html:
+def table(headers: list, rows: list[list], cls: str | None = None, num_cols=None) -> Html:
+    """`num_cols`: indices of right-aligned number columns (default: all but the first)."""
+    num_cols = set(range(1, len(headers))) if num_cols is None else set(num_cols)
     head = tag("tr", join(tag("th", h) for h in headers)) if any(headers) else ""
-    body = join(tag("tr", join(tag("td", c, class_="num" if i >= num_from else None) for i, c in enumerate(r)))
+    body = join(tag("tr", join(tag("td", c, class_="num" if i in num_cols else None) for i, c in enumerate(r)))
                 for r in rows)
     return tag("table", join([tag("thead", head), tag("tbody", body)]), class_=cls)
 
@@ -81,7 +85,7 @@ def img_data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def image_cell(out_dir: Path, image: dict) -> Html:
+def image_cell(out_dir: Path, image: dict, show_read: bool = False) -> Html:
     oracle = image.get("oracle")
     cls = None if oracle is None else ("im ok" if oracle["correct"] else "im bad")
     title = f"seed {image.get('seed')}"
@@ -89,7 +93,10 @@ def image_cell(out_dir: Path, image: dict) -> Html:
         title += " | read: " + describe_scene(oracle["scene"])
     path = out_dir / image["image"]
     pic = tag("img", src=img_data_uri(path), alt=f"image {image['k']}", title=title) if path.is_file() else esc("(missing)")
-    return tag("span", join([pic, f"seed {image.get('seed')}"]), class_=cls or "im")
+    caption = [f"seed {image.get('seed')}"]
+    if show_read and oracle is not None:
+        caption.append(tag("div", "read: " + describe_scene(oracle["scene"]), class_="read"))
+    return tag("span", join([pic, *caption]), class_=cls or "im")
 
 
 def bar_chart(categories: list[str], series: dict[str, dict[str, dict]], label: str, suffix: str = " prompts") -> Html:
@@ -145,7 +152,7 @@ def provenance_table(report: dict) -> Html:
             ["recaptions", p["recaption"].get("source")],
             ["versions", ", ".join(f"{k} {v}" for k, v in p["versions"].items() if v)],
             ["created", report.get("created")]]
-    return table(["", ""], rows, cls="prov", num_from=99)
+    return table(["", ""], rows, cls="prov", num_cols=())
 
 
 def metrics_table(variants: dict, label_head: str = "prompts") -> Html:
@@ -181,7 +188,7 @@ def category_grids(report: dict, out_dir: Path, per_category: int) -> Html:
                 cells.append(join([text, tag("div", join(image_cell(out_dir, im) for im in q["images"]), class_="imgs")]))
             rows.append(cells)
         sections.append(join([tag("h3", cat), table(["prompt"] + [f"{n} prompts" for n in variants], rows,
-                                                     cls="grid", num_from=99)]))
+                                                     cls="grid", num_cols=())]))
     return join(sections)
 
 
@@ -193,15 +200,13 @@ def worst_section(report: dict, out_dir: Path, n: int) -> Html:
             continue
         rows = []
         for p in worst:
-            expected = "; ".join(describe_constraint(c) for c in p.get("constraints", [])) or "-"
-            reads = [describe_scene(im["oracle"]["scene"]) for im in p["images"] if "oracle" in im]
-            rows.append([tag("div", p["prompt"], class_="prompt"), p["category"], expected,
-                         join(tag("div", r) for r in reads) if reads else "-",
-                         fmt_metric(p.get("oracle_accuracy")),
-                         tag("div", join(image_cell(out_dir, im) for im in p["images"]), class_="imgs")])
+            expected = join(tag("div", describe_constraint(c)) for c in p.get("constraints", [])) or "-"
+            rows.append([join([tag("div", p["prompt"], class_="prompt"), tag("div", p["category"], class_="note")]),
+                         expected, fmt_metric(p.get("oracle_accuracy")),
+                         tag("div", join(image_cell(out_dir, im, show_read=True) for im in p["images"]), class_="imgs")])
         parts.append(join([tag("h3", f"{name} prompts"),
-                           table(["prompt", "category", "expected", "oracle read", "accuracy", "images"], rows,
-                                 num_from=4)]))
+                           table(["prompt", "expected", "accuracy", "images and what the oracle read"], rows,
+                                 cls="worst", num_cols=(2,))]))
     return join(parts)
 
 

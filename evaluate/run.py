@@ -149,6 +149,8 @@ def _scorers(cfg: EvalConfig, suite, resolution: int):
         scorers.vqa = VqaScorer(cfg.vqa_model, cfg.device)
     if scorers.clip is not None or cfg.inception_weights is not None:
         scorers.reference, scorers.reference_name = _reference(cfg, suite, resolution)
+    if cfg.inception_weights is not None and scorers.reference is None:
+        raise ValueError("FID (--inception-weights) needs reference images: pass --reference FOLDER|SHARDS")
     return scorers
 
 
