@@ -8,6 +8,7 @@ chat template. A vLLM or SGLang backend only has to implement `CaptionBackend` a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Literal, Protocol
 
@@ -33,6 +34,9 @@ class CaptionBackend(Protocol):
     """What the captioning loop needs from an engine."""
 
     def caption(self, images: list[Image.Image], prompts: list[str], max_new_tokens: int = 128) -> list[Generation]: ...
+
+    # Optional, for overlapping CPU preprocessing with generation: `prepare(images, prompts)` (thread-safe)
+    # and `generate(prepared, max_new_tokens)`; the run loop uses them when both exist.
 
     def describe(self) -> dict: ...
 
@@ -108,6 +112,9 @@ class TransformersBackend:
         self.model = _load_model(self.model_id, self.dtype, attn_implementation, trust_remote_code)
         self.model.to(self.device).eval()
         self.stop_ids = self._stop_ids()
+        # Decoding runs while the next batch is tokenised in another thread; a fast tokenizer must not
+        # be used from two threads at once ("Already borrowed"), so decoding gets its own copy.
+        self._decoder = copy.deepcopy(self.tokenizer)
         log.info("loaded %s (%s) on %s as %s", self.model_id, type(self.model).__name__, self.device, self.dtype)
 
     def _stop_ids(self) -> set[int]:
@@ -132,20 +139,27 @@ class TransformersBackend:
             "attn_implementation": getattr(cfg, "_attn_implementation", None),
         }
 
-    def _inputs(self, images: list[Image.Image], prompts: list[str]) -> dict:
+    def prepare(self, images: list[Image.Image], prompts: list[str]) -> dict:
+        """CPU side of a batch (chat template, tokenising, image preprocessing); safe to run in a thread,
+        so the next batch is prepared while the accelerator generates the current one."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         conversations = [
             [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": text}]}]
             for img, text in zip(images, prompts)
         ]
-        inputs = self.processor.apply_chat_template(
+        return dict(self.processor.apply_chat_template(
             conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
             processor_kwargs={"padding": True, "padding_side": "left", "return_tensors": "pt"},
-        )
-        return {k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+        ))
 
-    @torch.inference_mode()
+    def _to_device(self, inputs: dict) -> dict:
+        return {k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else v.dtype, non_blocking=True)
+                for k, v in inputs.items()}
+
+    def _inputs(self, images: list[Image.Image], prompts: list[str]) -> dict:
+        return self._to_device(self.prepare(images, prompts))
+
     def caption(self, images: list[Image.Image], prompts: list[str], max_new_tokens: int = 128,
                 min_new_tokens: int = 0) -> list[Generation]:
         """Greedy decoding, at most `max_new_tokens` new tokens per image (the paper: 128).
@@ -154,7 +168,12 @@ class TransformersBackend:
         """
         if not images:
             return []
-        inputs = self._inputs(images, prompts)
+        return self.generate(self.prepare(images, prompts), max_new_tokens, min_new_tokens)
+
+    @torch.inference_mode()
+    def generate(self, prepared: dict, max_new_tokens: int = 128, min_new_tokens: int = 0) -> list[Generation]:
+        """Generate for a batch from `prepare`."""
+        inputs = self._to_device(prepared)
         out = self.model.generate(
             **inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None, do_sample=False, num_beams=1,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=sorted(self.stop_ids),
@@ -165,7 +184,7 @@ class TransformersBackend:
     def _generation(self, row: list[int], max_new_tokens: int) -> Generation:
         end = next((i for i, t in enumerate(row) if t in self.stop_ids), None)
         tokens = row if end is None else row[:end]
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        text = self._decoder.decode(tokens, skip_special_tokens=True).strip()
         reason = "stop" if end is not None or len(row) < max_new_tokens else "length"
         return Generation(text=text, finish_reason=reason, num_tokens=len(tokens))
 

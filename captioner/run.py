@@ -12,6 +12,7 @@ was finished before.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import os
@@ -19,6 +20,7 @@ import queue
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -155,33 +157,32 @@ def prefetch(items: Iterator[Sample], depth: int) -> Iterator[Sample]:
 
 
 class ShardCaptioner:
-    """Captions the samples of one shard in batches and fills their rows."""
+    """Captions the samples of one shard in batches and fills their rows.
+
+    With a backend that splits `prepare` (CPU: template, tokenising, image preprocessing) from
+    `generate`, batch k+1 is prepared in a thread while batch k generates, so preprocessing does
+    not starve the GPU (REFERENCE.md section 3).
+    """
 
     def __init__(self, backend, cfg: CaptionRunConfig) -> None:
         self.backend, self.cfg = backend, cfg
+        self.pipelined = callable(getattr(backend, "prepare", None)) and callable(getattr(backend, "generate", None))
 
     def run(self, shard: Shard, progress: tqdm | None = None) -> tuple[list[Row], Counts]:
         rows: list[Row] = []
         pending: list[tuple[Row, object, str]] = []
         seen: set[str] = set()
         started = time.perf_counter()
-        for sample in prefetch(shard.samples(), self.cfg.prefetch_batches * self.cfg.batch_size):
-            row = Row(key=sample.key, org_caption=sample.org_caption, notes=list(sample.notes))
-            if sample.error is not None:
-                row.status, row.error = "skipped", sample.error
-            elif sample.key in seen:
-                row.status, row.error = "skipped", f"duplicate key {sample.key!r} in shard {shard.name}"
-            else:
-                prompt, notes = build_prompt_with_notes(self.cfg.prompt, sample.org_caption, self.cfg.template,
-                                                        self.cfg.max_hint_chars)
-                row.notes.extend(notes)
-                pending.append((row, sample.image, prompt))
-            seen.add(sample.key)
-            rows.append(row)
-            if len(pending) >= self.cfg.batch_size:
-                self._caption(pending, progress)
-                pending = []
-        self._caption(pending, progress)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as pool:
+            inflight: collections.deque = collections.deque()
+            for sample in prefetch(shard.samples(), self.cfg.prefetch_batches * self.cfg.batch_size):
+                rows.append(self._row(sample, seen, shard.name, pending))
+                if len(pending) >= self.cfg.batch_size:
+                    self._submit(pending, pool, inflight, progress)
+                    pending = []
+            self._submit(pending, pool, inflight, progress)
+            while inflight:
+                self._finish(*inflight.popleft(), progress)
         counts = _count(rows)
         counts.seconds = time.perf_counter() - started
         if counts.failed and not counts.ok:
@@ -189,23 +190,60 @@ class ShardCaptioner:
             raise RuntimeError(f"shard {shard.name}: every sample failed in the captioner; first error: {first}")
         return rows, counts
 
-    def _caption(self, batch: list[tuple[Row, object, str]], progress: tqdm | None) -> None:
+    def _row(self, sample: Sample, seen: set[str], shard: str, pending: list) -> Row:
+        row = Row(key=sample.key, org_caption=sample.org_caption, notes=list(sample.notes))
+        if sample.error is not None:
+            row.status, row.error = "skipped", sample.error
+        elif sample.key in seen:
+            row.status, row.error = "skipped", f"duplicate key {sample.key!r} in shard {shard}"
+        else:
+            prompt, notes = build_prompt_with_notes(self.cfg.prompt, sample.org_caption, self.cfg.template,
+                                                    self.cfg.max_hint_chars)
+            row.notes.extend(notes)
+            pending.append((row, sample.image, prompt))
+        seen.add(sample.key)
+        return row
+
+    def _submit(self, batch: list, pool: ThreadPoolExecutor, inflight: collections.deque, progress) -> None:
         if not batch:
             return
+        if not self.pipelined:
+            self._caption(batch, progress)
+            return
+        inflight.append((batch, pool.submit(self.backend.prepare, [b[1] for b in batch], [b[2] for b in batch])))
+        while len(inflight) > 1:  # keep exactly one batch being prepared ahead
+            self._finish(*inflight.popleft(), progress)
+
+    def _finish(self, batch: list, prepared: Future, progress) -> None:
+        try:
+            gens = self.backend.generate(prepared.result(), self.cfg.max_new_tokens)
+        except Exception as exc:  # noqa: BLE001 - retried one by one below, where errors are recorded
+            self._retry_alone(batch, exc, progress)
+            return
+        self._fill(batch, gens, progress)
+
+    def _caption(self, batch: list[tuple[Row, object, str]], progress: tqdm | None) -> None:
         try:
             gens = self.backend.caption([b[1] for b in batch], [b[2] for b in batch], self.cfg.max_new_tokens)
         except Exception as exc:  # noqa: BLE001 - one bad image must not sink its batch: retry alone
-            if len(batch) == 1:
-                row = batch[0][0]
-                row.status, row.error = "failed", f"captioner error: {type(exc).__name__}: {exc}"
-                log.warning("key %s: %s", row.key, row.error)
-                progress and progress.update(1)
-                return
-            log.warning("batch of %d failed (%s: %s); retrying one at a time", len(batch), type(exc).__name__, exc)
-            for item in batch:
-                self._caption([item], progress)
+            self._retry_alone(batch, exc, progress)
             return
-        for (row, _, _), gen in zip(batch, gens):
+        self._fill(batch, gens, progress)
+
+    def _retry_alone(self, batch: list, exc: Exception, progress) -> None:
+        if len(batch) == 1:
+            row = batch[0][0]
+            row.status, row.error = "failed", f"captioner error: {type(exc).__name__}: {exc}"
+            log.warning("key %s: %s", row.key, row.error)
+            if progress is not None:
+                progress.update(1)
+            return
+        log.warning("batch of %d failed (%s: %s); retrying one at a time", len(batch), type(exc).__name__, exc)
+        for item in batch:
+            self._caption([item], progress)
+
+    def _fill(self, batch: list, gens: list, progress) -> None:
+        for (row, _, _), gen in zip(batch, gens, strict=True):
             row.re_caption, row.finish_reason, row.re_num_tokens = gen.text, gen.finish_reason, gen.num_tokens
             row.repetition = is_repetitive(gen.text, gen.finish_reason)
         if progress is not None:

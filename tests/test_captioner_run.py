@@ -105,7 +105,20 @@ def test_hostile_inputs_are_captioned_or_skipped_with_reason(hostile_shard, tiny
     assert sorted(os.listdir(out)) == ["00000.parquet", "caption_config.yaml"]  # nothing written by key
 
 
-def test_a_failing_sample_is_retried_alone(tmp_path):
+class PipelinedFake(FakeBackend):
+    """The same, split into `prepare` (run in a thread, one batch ahead) and `generate`."""
+
+    def prepare(self, images, prompts):
+        if any(im.width == 17 for im in images):
+            raise RuntimeError("cannot process a 17 px image")
+        return list(zip(images, prompts))
+
+    def generate(self, prepared, max_new_tokens=128):
+        return self.caption([p[0] for p in prepared], [p[1] for p in prepared], max_new_tokens)
+
+
+@pytest.mark.parametrize("fake", [FakeBackend, PipelinedFake])
+def test_a_failing_sample_is_retried_alone(fake):
     from PIL import Image
 
     from t2i_recap.captioner.readers import Sample, Shard
@@ -114,12 +127,14 @@ def test_a_failing_sample_is_retried_alone(tmp_path):
     widths = [10, 11, 17, 12, 13]
     shard = Shard("s", "test", lambda: iter(Sample(key=f"k{i}", shard="s", image=Image.new("RGB", (w, 8)))
                                               for i, w in enumerate(widths)))
-    rows, counts = ShardCaptioner(FakeBackend(), _cfg(batch_size=4)).run(shard)
+    rows, counts = ShardCaptioner(fake(), _cfg(batch_size=2)).run(shard)
     assert [r.status for r in rows] == ["ok", "ok", "failed", "ok", "ok"]
+    assert [r.re_caption.split(",")[0] for r in rows if r.status == "ok"] == [
+        f"an image of {w} px" for w in widths if w != 17]  # each caption landed in its own row
     assert "cannot process a 17 px image" in rows[2].error and (counts.ok, counts.failed) == (4, 1)
     all_bad = Shard("t", "test", lambda: iter([Sample(key="k", shard="t", image=Image.new("RGB", (17, 8)))]))
     with pytest.raises(RuntimeError, match="every sample failed"):
-        ShardCaptioner(FakeBackend(), _cfg()).run(all_bad)
+        ShardCaptioner(fake(), _cfg()).run(all_bad)
 
 
 def test_unreadable_shard_is_reported_and_the_rest_captioned(captioner_shards, tmp_path):
