@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from t2i_recap.data import DataConfig, Record, Skip, collate
-from t2i_recap.io import atomic_path
+from t2i_recap.io import atomic_path, check_model_source
 from t2i_recap.logging_utils import get_logger
 from t2i_recap.text_encoders import DTYPES, TextEncoder, TextEncoderConfig, model_identity
 
@@ -70,6 +70,7 @@ class FeatureEncoder:
         self.cfg = cfg
         kw = {"revision": cfg.vae_revision} if cfg.vae_revision else {}
         sub = {"subfolder": cfg.vae_subfolder} if cfg.vae_subfolder else {}
+        check_model_source(cfg.vae, "features.vae")
         self.vae = AutoencoderKL.from_pretrained(cfg.vae, torch_dtype=DTYPES[cfg.vae_dtype], **sub, **kw).to(device).eval()
         self.vae.requires_grad_(False)
         self.text = TextEncoder(text_cfg, device)

@@ -32,6 +32,22 @@ def check_key(key: str) -> str:
     return key
 
 
+def check_model_source(name_or_path: str | Path, what: str = "model") -> str:
+    """Return `name_or_path`, or raise FileNotFoundError naming it when it is a local path that does not exist.
+
+    A hub id is `name` or `org/name`; anything absolute, starting with `.` or `~`, or with more than
+    one `/` is a path. Without this check from_pretrained reports a missing folder as "Repo id must be
+    in the form 'repo_name' ..." or as a network error, neither of which names the real problem.
+    """
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.exists():
+        return text
+    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text:
+        raise FileNotFoundError(f"{what} {text!r}: no such file or folder")
+    return text
+
+
 def safe_join(root: str | Path, *parts: str) -> Path:
     """Join `parts` under `root` and refuse any result that leaves `root`."""
     root_path = Path(root).resolve()

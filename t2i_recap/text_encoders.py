@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer, CLIPTextModel, T5EncoderModel
 
+from t2i_recap.io import check_model_source
 from t2i_recap.logging_utils import get_logger
 
 log = get_logger(__name__)
@@ -73,6 +74,7 @@ class TextEncoder:
         self.cfg = cfg
         kw = {"revision": cfg.revision} if cfg.revision else {}
         sub = {"subfolder": cfg.subfolder} if cfg.subfolder else {}
+        check_model_source(cfg.name_or_path, "text_encoder.name_or_path")
         model_type = AutoConfig.from_pretrained(cfg.name_or_path, **sub, **kw).model_type
         if model_type in _CLIP_TYPES:
             cls, default_len = CLIPTextModel, 77
