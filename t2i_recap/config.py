@@ -173,7 +173,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             data = _merge(data, parse_override(text))
         except ConfigError:
             raise
-    source = f"{path} with --set {' '.join(overrides)}" if overrides else str(path or "<defaults>")
+    source = f"{path or '<defaults>'} with --set {' '.join(overrides)}" if overrides else str(path or "<defaults>")
     return from_dict(cls, data, source)
 
 
