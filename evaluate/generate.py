@@ -124,12 +124,3 @@ def generate_variant(pipe, out_dir: Path, variant: str, prompts: list[str | None
                     img.save(tmp, format="PNG")
             bar.update(len(batch))
     return info
-
-
-def load_images(out_dir: Path, variant: str, prompts: list[str | None], n: int) -> dict[tuple[int, int], Image.Image]:
-    out = {}
-    for i, p in enumerate(prompts):
-        for k in range(n if p else 0):
-            with Image.open(image_path(out_dir, variant, i, k)) as img:
-                out[(i, k)] = img.convert("RGB")
-    return out

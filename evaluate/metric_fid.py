@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 from PIL import Image
@@ -35,32 +36,49 @@ def _open_rgb(data: bytes | Path) -> Image.Image:
         return img.convert("RGB")
 
 
-def load_reference(spec: str | Path, limit: int | None = None) -> list[Image.Image]:
-    """Reference images from a folder or webdataset shards; unreadable images are skipped and
-    logged with their name (a few bad files must not void a 30K-image reference)."""
+def iter_reference(spec: str | Path, limit: int | None = None) -> Iterator[Image.Image]:
+    """Reference images from a folder or webdataset shards, streamed; unreadable images are
+    skipped and logged with their name (a few bad files must not void a 30K-image reference)."""
     from t2i_recap.io import expand_shards
     from t2i_recap.shards import iter_tar_samples
 
     path = Path(spec)
-    out: list[Image.Image] = []
     if path.is_dir() and not any(path.glob("*.tar")):
-        sources = [(str(p), p) for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+        sources = ((str(p), p) for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES)
     else:
         sources = ((f"{s.shard}:{s.key}", next((s.files[e] for e in ("jpg", "png", "jpeg", "webp")
                                                  if e in s.files), None))
                    for shard in expand_shards(spec) for s in iter_tar_samples(shard))
+    n = 0
     for name, data in sources:
-        if limit is not None and len(out) >= limit:
-            break
+        if limit is not None and n >= limit:
+            return
         if data is None:
             continue
         try:
-            out.append(_open_rgb(data))
+            img = _open_rgb(data)
         except OSError as exc:
             log.warning("reference image %s skipped: %s", name, exc)
-    if not out:
+            continue
+        n += 1
+        yield img
+    if n == 0:
         raise FileNotFoundError(f"reference {spec}: no readable images")
-    return out
+
+
+def load_reference(spec: str | Path, limit: int | None = None) -> list[Image.Image]:
+    return list(iter_reference(spec, limit))
+
+
+def chunks(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _update(metric, images: list[Image.Image], real: bool, batch_size: int) -> None:
@@ -72,24 +90,6 @@ def _update(metric, images: list[Image.Image], real: bool, batch_size: int) -> N
         for start in range(0, len(group), batch_size):
             batch = torch.stack([to_uint8_tensor(i) for i in group[start:start + batch_size]])
             metric.update(batch.to(metric.device), real=real)
-
-
-def inception_fid(generated: list[Image.Image], reference: list[Image.Image], weights: str | Path | None,
-                  antialias: bool = False, batch_size: int = 64) -> float:
-    weights = require_file(weights, "--inception-weights", "FID")
-    try:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-        import torch_fidelity  # noqa: F401  (torchmetrics' Inception lives there)
-    except ImportError as exc:
-        raise ImportError(f"FID needs the torch-fidelity package (and torchvision): pip install torch-fidelity "
-                          f"torchvision ({exc})") from None
-    metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(weights),
-                                      antialias=antialias, normalize=False)
-    if torch.cuda.is_available():
-        metric = metric.cuda()
-    _update(metric, reference, True, batch_size)
-    _update(metric, generated, False, batch_size)
-    return float(metric.compute())
 
 
 class _ClipImageFeature(torch.nn.Module):
@@ -116,28 +116,97 @@ def cmmd(x: torch.Tensor, y: torch.Tensor, sigma: float = 10.0, scale: float = 1
     y = torch.nn.functional.normalize(y.double(), dim=-1)
     gamma = 1.0 / (2 * sigma**2)
 
-    def k(a, b):
-        d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
-        return torch.exp(-gamma * d2).mean()
+    def k(a, b, block: int = 4096):  # mean kernel value, in blocks: 30K x 30K at once is 7 GB
+        total = 0.0
+        for start in range(0, a.shape[0], block):
+            rows = a[start:start + block]
+            d2 = (rows * rows).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * rows @ b.T
+            total += float(torch.exp(-gamma * d2).sum())
+        return total / (a.shape[0] * b.shape[0])
 
     return float(scale * (k(x, x) + k(y, y) - 2 * k(x, y)))
 
 
-@torch.no_grad()
+def _inception_metric(weights: str | Path | None, antialias: bool):
+    weights = require_file(weights, "--inception-weights", "FID")
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        import torch_fidelity  # noqa: F401  (torchmetrics' Inception lives there)
+    except ImportError as exc:
+        raise ImportError(f"FID needs the torch-fidelity package (and torchvision): pip install torch-fidelity "
+                          f"torchvision ({exc})") from None
+    return FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(weights), antialias=antialias,
+                                    normalize=False, reset_real_features=False)
+
+
+class SetDistances:
+    """Streaming FID / FD-CLIP / CMMD: reference images are embedded once, then each set of
+    generated images is added in chunks, computed, and cleared (`reset_generated`)."""
+
+    def __init__(self, clip: ClipScorer | None = None, inception_weights: str | Path | None = None,
+                 antialias: bool = False, batch_size: int = 64):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        self.batch_size, self.antialias = batch_size, antialias
+        self.inception_weights = None if inception_weights is None else str(inception_weights)
+        self.metrics: dict = {}
+        self.feature = None
+        if inception_weights is not None:
+            self.metrics["fid"] = _inception_metric(inception_weights, antialias)
+        if clip is not None:
+            self.feature = _ClipImageFeature(clip)
+            self.metrics["fd_clip"] = FrechetInceptionDistance(feature=self.feature, normalize=False,
+                                                               reset_real_features=False)
+        if not self.metrics:
+            raise ValueError("set distances need a CLIP model (--clip) or Inception weights (--inception-weights)")
+        if torch.cuda.is_available():
+            self.metrics = {k: m.cuda() for k, m in self.metrics.items()}
+        self.feats: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+        self.count = {True: 0, False: 0}
+
+    @torch.no_grad()
+    def add(self, images: list[Image.Image], real: bool) -> None:
+        for name, metric in self.metrics.items():
+            if name == "fd_clip":
+                self.feature.seen = []
+            _update(metric, images, real, self.batch_size)
+            if name == "fd_clip":
+                self.feats[real].extend(self.feature.seen)
+        self.count[real] += len(images)
+
+    def compute(self) -> dict:
+        n_gen, n_ref = self.count[False], self.count[True]
+        if n_gen < 2 or n_ref < 2:
+            raise ValueError(f"image distances need >= 2 images per side, got {n_gen} generated and {n_ref} reference")
+        out: dict = {}
+        sizes = {"num_generated": n_gen, "num_reference": n_ref}
+        if "fd_clip" in self.metrics:
+            out["clip_distance"] = {"fd_clip": float(self.metrics["fd_clip"].compute()),
+                                    "cmmd": cmmd(torch.cat(self.feats[False]), torch.cat(self.feats[True])), **sizes}
+        if "fid" in self.metrics:
+            out["fid"] = {"fid": float(self.metrics["fid"].compute()), "antialias": self.antialias,
+                          "weights": self.inception_weights, **sizes}
+        return out
+
+    def reset_generated(self) -> None:
+        for metric in self.metrics.values():
+            metric.reset()  # reset_real_features=False: the reference statistics stay
+        self.feats[False], self.count[False] = [], 0
+
+
 def clip_distances(generated: list[Image.Image], reference: list[Image.Image], scorer: ClipScorer,
                    batch_size: int = 64) -> dict:
     """FD on CLIP image embeddings (via torchmetrics) and CMMD, with the CLIP of `scorer`."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    d = SetDistances(clip=scorer, batch_size=batch_size)
+    d.add(reference, real=True)
+    d.add(generated, real=False)
+    return d.compute()["clip_distance"]
 
-    if len(generated) < 2 or len(reference) < 2:
-        raise ValueError(f"CLIP-feature distances need >= 2 images per side, got {len(generated)} "
-                         f"generated and {len(reference)} reference")
-    feature = _ClipImageFeature(scorer)
-    metric = FrechetInceptionDistance(feature=feature, normalize=False, reset_real_features=True)
-    _update(metric, reference, True, batch_size)
-    ref_feats = torch.cat(feature.seen)
-    feature.seen = []
-    _update(metric, generated, False, batch_size)
-    gen_feats = torch.cat(feature.seen)
-    return {"fd_clip": float(metric.compute()), "cmmd": cmmd(gen_feats, ref_feats),
-            "num_generated": len(generated), "num_reference": len(reference)}
+
+def inception_fid(generated: list[Image.Image], reference: list[Image.Image], weights: str | Path | None,
+                  antialias: bool = False, batch_size: int = 64) -> float:
+    weights = require_file(weights, "--inception-weights", "FID")
+    d = SetDistances(inception_weights=weights, antialias=antialias, batch_size=batch_size)
+    d.add(reference, real=True)
+    d.add(generated, real=False)
+    return d.compute()["fid"]["fid"]

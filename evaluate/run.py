@@ -116,7 +116,8 @@ def _swap_scheduler(pipe, name: str):
 
 
 def _reference(cfg: EvalConfig, suite, resolution: int):
-    from .metric_fid import load_reference
+    """(iterable of reference images, description), or (None, None) without a reference."""
+    from .metric_fid import iter_reference
     from t2i_recap.shapes.render import render
 
     spec = cfg.reference
@@ -125,20 +126,18 @@ def _reference(cfg: EvalConfig, suite, resolution: int):
     if spec == "none":
         return None, None
     if spec == "gold":
-        refs = [render(r.gold_scene(), resolution) for r in suite.records if r.scene]
-        return refs[:cfg.max_reference], "gold renders of the suite's scenes"
-    return load_reference(spec, cfg.max_reference), str(spec)
+        scenes = [r.gold_scene() for r in suite.records if r.scene][:cfg.max_reference]
+        return (render(s, resolution) for s in scenes), "gold renders of the suite's scenes"
+    return iter_reference(spec, cfg.max_reference), str(spec)
 
 
 def _scorers(cfg: EvalConfig, suite, resolution: int):
-    from .score import Scorers
+    """Load every requested metric model and embed the reference images, before any generation,
+    so a missing weights file or reference fails in seconds, not after hours of sampling."""
+    from .metric_fid import SetDistances, chunks
+    from .score import CHUNK, Scorers
 
-    scorers = Scorers(batch_size=cfg.batch_size, inception_weights=cfg.inception_weights,
-                      fid_antialias=cfg.fid_antialias, oracle_min_confidence=cfg.oracle_min_confidence)
-    if cfg.inception_weights is not None:
-        from .weights import require_file
-
-        require_file(cfg.inception_weights, "--inception-weights", "FID")  # fail before generating
+    scorers = Scorers(batch_size=cfg.batch_size, oracle_min_confidence=cfg.oracle_min_confidence)
     if cfg.clip:
         from .metric_clip import ClipScorer
 
@@ -147,10 +146,17 @@ def _scorers(cfg: EvalConfig, suite, resolution: int):
         from .metric_vqa import VqaScorer
 
         scorers.vqa = VqaScorer(cfg.vqa_model, cfg.device)
-    if scorers.clip is not None or cfg.inception_weights is not None:
-        scorers.reference, scorers.reference_name = _reference(cfg, suite, resolution)
-    if cfg.inception_weights is not None and scorers.reference is None:
-        raise ValueError("FID (--inception-weights) needs reference images: pass --reference FOLDER|SHARDS")
+    if scorers.clip is None and cfg.inception_weights is None:
+        return scorers
+    distances = SetDistances(scorers.clip, cfg.inception_weights, cfg.fid_antialias, cfg.batch_size)
+    reference, scorers.reference_name = _reference(cfg, suite, resolution)
+    if reference is None:
+        if cfg.inception_weights is not None:
+            raise ValueError("FID (--inception-weights) needs reference images: pass --reference FOLDER|SHARDS")
+        return scorers
+    for chunk in chunks(reference, CHUNK):
+        distances.add(chunk, real=True)
+    scorers.distances = distances
     return scorers
 
 

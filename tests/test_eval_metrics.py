@@ -151,3 +151,26 @@ def test_vqa_scorer_with_a_local_backend(monkeypatch, tmp_path):
     images, prompts = _images(2)
     out = scorer.score(images, prompts, [suite.records[0].constraints, []], batch_size=1)
     assert out[0] == {"vqa": 0.9, "vqa_derived": 0.5} and out[1] == {"vqa": 0.9}
+
+
+def test_set_distances_stream_and_keep_the_reference_between_variants(clip_scorer):
+    from t2i_recap.evaluate.metric_fid import SetDistances
+
+    ref, _ = _images(12, seed=0)
+    gen_a, _ = _images(12, seed=1)
+    gen_b, _ = _images(12, seed=2)
+    d = SetDistances(clip=clip_scorer, batch_size=5)
+    for start in range(0, 12, 5):  # the reference arrives in chunks
+        d.add(ref[start:start + 5], real=True)
+    d.add(gen_a[:7], real=False)
+    d.add(gen_a[7:], real=False)
+    first = d.compute()["clip_distance"]
+    d.reset_generated()
+    d.add(gen_b, real=False)
+    second = d.compute()["clip_distance"]
+    for got, gen in ((first, gen_a), (second, gen_b)):
+        want = clip_distances(gen, ref, clip_scorer)
+        assert got["fd_clip"] == pytest.approx(want["fd_clip"], rel=1e-4, abs=1e-4)
+        assert got["cmmd"] == pytest.approx(want["cmmd"], rel=1e-6) and got["num_reference"] == 12
+    with pytest.raises(ValueError, match="need a CLIP model"):
+        SetDistances()
