@@ -116,7 +116,7 @@ class LoraSettings:
 
 
 @dataclasses.dataclass
-class OptimSettings:
+class TrainSettings:
     epochs: int = 10
     """Passes over the pairs."""
     batch_size: int = 32
@@ -137,10 +137,14 @@ class OptimSettings:
     """Train the decoder (in full, or its adapters with LoRA)."""
     max_length: int = 256
     """Longest training sequence in tokens; longer captions are cut (counted in the summary)."""
+    max_steps: int | None = None
+    """Stop after this many steps (None: run all epochs); the schedule is laid out for the steps run."""
     seed: int = 0
     """Shuffling seed."""
 
     def __post_init__(self):
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
         if self.lr <= 0:
@@ -157,7 +161,7 @@ class FinetuneConfig:
     """Prompt preset of `build_prompt` (recap: the paper's prompt, verbatim)."""
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     build: BuildConfig = dataclasses.field(default_factory=BuildConfig)
-    optim: OptimSettings = dataclasses.field(default_factory=OptimSettings)
+    train: TrainSettings = dataclasses.field(default_factory=TrainSettings)
     lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
 
 
@@ -310,7 +314,8 @@ class Example:
 
     input_ids: list[int]
     num_prompt: int
-    pixel_values: torch.Tensor
+    pixel_values: torch.Tensor | None
+    vision: torch.Tensor | None = None  # the frozen tower's selected features, computed once
 
 
 class Batcher:
@@ -340,7 +345,7 @@ class Batcher:
         answer = self.tokenizer(" " + caption, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
         room = self.max_length - len(prompt_ids)
         if room < 2:
-            raise ValueError(f"optim.max_length {self.max_length} leaves no room for an answer after "
+            raise ValueError(f"train.max_length {self.max_length} leaves no room for an answer after "
                              f"the {len(prompt_ids)}-token prompt (image tokens included)")
         if len(answer) > room:
             self.truncated += 1
@@ -357,15 +362,53 @@ class Batcher:
             input_ids[i, : len(ids)] = ids
             labels[i, e.num_prompt : len(ids)] = ids[e.num_prompt :]
             mask[i, : len(ids)] = 1
-        pixel_values = torch.stack([e.pixel_values for e in examples])
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": pixel_values}
+        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        if all(e.vision is not None for e in examples):
+            batch["vision_features"] = torch.stack([e.vision for e in examples])
+        else:
+            batch["pixel_values"] = torch.stack([e.pixel_values for e in examples])
+        return batch
+
+
+def llava_of(model):
+    """The LlavaForConditionalGeneration inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@torch.no_grad()
+def cache_vision_features(model, examples: list[Example], chunk: int = 256) -> None:
+    """A frozen vision tower gives the same features every epoch: compute them once (LLaVA's
+    selection: `vision_feature_layer`, CLS dropped by the "default" strategy) and drop the pixels."""
+    llava = llava_of(model)
+    cfg = llava.config
+    layers = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, list) else [cfg.vision_feature_layer]
+    tower = llava.model.vision_tower
+    for i in range(0, len(examples), chunk):
+        part = examples[i : i + chunk]
+        hidden = tower(torch.stack([e.pixel_values for e in part]), output_hidden_states=True).hidden_states
+        feats = torch.cat([hidden[k] for k in layers], dim=-1)
+        if cfg.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]
+        for e, f in zip(part, feats):
+            e.vision, e.pixel_values = f.clone(), None
+
+
+def forward(model, batch: dict):
+    """The model's forward; cached vision features go through the (trainable) projector here."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    feats = batch.pop("vision_features", None)
+    if feats is not None:
+        projected = llava_of(model).model.multi_modal_projector(feats)
+        batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=list(projected))}
+    return model(**batch)
 
 
 # ----------------------------------------------------------------------------- training
 
 def set_trainable(model, cfg: FinetuneConfig):
     """Freeze or unfreeze the three parts; with LoRA wrap the decoder in adapters. Returns the model."""
-    o = cfg.optim
+    o = cfg.train
     parts = {"vision_tower": not o.freeze_vision, "multi_modal_projector": o.train_projector,
              "language_model": o.train_language_model and not cfg.lora.enabled}
     for name, param in model.named_parameters():
@@ -392,7 +435,26 @@ def _add_lora(model, settings: LoraSettings):
     return model
 
 
-def train(model, batcher: Batcher, examples: list[Example], o: OptimSettings) -> dict:
+def batches(examples: list, o: TrainSettings):
+    """Index lists of one batch each: shuffled epochs, stopping after max_steps if set."""
+    rng = random.Random(o.seed)
+    steps = 0
+    for epoch in range(o.epochs):
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for i in range(0, len(order), o.batch_size):
+            if o.max_steps is not None and steps >= o.max_steps:
+                return
+            steps += 1
+            yield epoch, order[i : i + o.batch_size]
+
+
+def num_steps(num_examples: int, o: TrainSettings) -> int:
+    total = math.ceil(num_examples / o.batch_size) * o.epochs
+    return min(total, o.max_steps) if o.max_steps is not None else total
+
+
+def train(model, batcher: Batcher, examples: list[Example], o: TrainSettings) -> dict:
     """The loop: shuffled epochs, AdamW, warm-up + cosine, grad clip. Returns a summary."""
     from tqdm.auto import tqdm
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -400,35 +462,32 @@ def train(model, batcher: Batcher, examples: list[Example], o: OptimSettings) ->
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: vision tower, projector and language model are all frozen")
-    steps_per_epoch = math.ceil(len(examples) / o.batch_size)
-    total = steps_per_epoch * o.epochs
+    total = num_steps(len(examples), o)
     opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
     sched = get_cosine_with_min_lr_schedule_with_warmup(opt, min(o.warmup_steps, total // 2), total, min_lr_rate=0.1)
-    rng = random.Random(o.seed)
     model.train()
     losses: list[float] = []
+    epoch_losses: dict[int, list[float]] = {}
     start = time.perf_counter()
     bar = tqdm(total=total, desc="finetune", unit="step")
-    for epoch in range(o.epochs):
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        for i in range(0, len(order), o.batch_size):
-            batch = batcher.collate([examples[j] for j in order[i : i + o.batch_size]])
-            loss = model(**batch).loss
-            loss.backward()
-            if o.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}")
-        log.info("epoch %d: mean answer loss %.4f", epoch, sum(losses[-steps_per_epoch:]) / steps_per_epoch)
+    for epoch, idx in batches(examples, o):
+        loss = forward(model, batcher.collate([examples[j] for j in idx])).loss
+        loss.backward()
+        if o.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        epoch_losses.setdefault(epoch, []).append(losses[-1])
+        bar.update(1)
+        bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}")
     bar.close()
     model.eval()
-    return {"steps": total, "epochs": o.epochs, "seconds": round(time.perf_counter() - start, 1),
-            "first_loss": losses[0], "final_loss": sum(losses[-steps_per_epoch:]) / steps_per_epoch,
+    means = {e: sum(v) / len(v) for e, v in epoch_losses.items()}
+    log.info("mean answer loss per epoch: %s", ", ".join(f"{v:.4f}" for v in means.values()))
+    return {"steps": total, "epochs_run": len(means), "seconds": round(time.perf_counter() - start, 1),
+            "first_loss": losses[0], "final_loss": means[max(means)], "epoch_losses": list(means.values()),
             "trainable_parameters": sum(p.numel() for p in params)}
 
 
@@ -458,8 +517,11 @@ def finetune(cfg: FinetuneConfig, out: str | Path) -> dict:
     log.info("%d pairs from %s (skipped: %s)", len(pairs), cfg.data.shards, dict(skipped))
     model, processor = load_captioner(cfg.model) if cfg.model else build_captioner(cfg.build)
     model = set_trainable(model, cfg)
-    batcher = Batcher(processor, cfg.prompt_preset, cfg.optim.max_length)
-    summary = train(model, batcher, batcher.encode(pairs), cfg.optim)
+    batcher = Batcher(processor, cfg.prompt_preset, cfg.train.max_length)
+    examples = batcher.encode(pairs)
+    if cfg.train.freeze_vision:
+        cache_vision_features(model, examples)
+    summary = train(model, batcher, examples, cfg.train)
     summary.update(pairs=len(pairs), skipped=dict(skipped), captions_truncated=batcher.truncated,
                    lora=("merged" if cfg.lora.merge else "merged + adapter/") if cfg.lora.enabled else None,
                    config=to_dict(cfg))

@@ -10,7 +10,7 @@ CAPTIONER_RES = 32
 # Small enough for a few CPU steps per test: 16 image tokens (patch 8), a 1-layer decoder.
 FAST_FINETUNE = [
     "build.hidden_size=32", "build.num_layers=1", "build.num_heads=2", "build.intermediate_size=64",
-    "build.max_position_embeddings=256", "optim.epochs=1", "optim.batch_size=8", "optim.warmup_steps=1",
+    "build.max_position_embeddings=256", "train.epochs=1", "train.batch_size=8", "train.warmup_steps=1",
 ]
 
 

@@ -43,7 +43,7 @@ def test_labels_cover_the_answer_only_and_prompt_matches_the_backend(shapes_shar
     model, processor = finetune.build_captioner(cfg.build)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
-    batcher = finetune.Batcher(processor, "recap", cfg.optim.max_length)
+    batcher = finetune.Batcher(processor, "recap", cfg.train.max_length)
     examples = batcher.encode(pairs[:3])
     batch = batcher.collate(examples)
     tok = processor.tokenizer
@@ -70,6 +70,7 @@ def test_finetune_cli_saves_a_standard_folder_that_generates(shapes_shards, capt
     assert finetune.main(args + sets) == 0
     summary = json.loads((out / "finetune.json").read_text())
     assert summary["pairs"] == 16 and summary["steps"] == 2  # 16 curated of 64, batch 8
+    assert summary["epochs_run"] == 1
     assert summary["skipped"]["not curated"] == 48
     model = LlavaForConditionalGeneration.from_pretrained(str(out))
     processor = AutoProcessor.from_pretrained(str(out))
@@ -88,8 +89,8 @@ def test_finetune_cli_saves_a_standard_folder_that_generates(shapes_shards, capt
 
 def test_training_fits_a_few_captions(shapes_shards, captioner_clip_dir, tmp_path):
     """Answer loss falls far on 8 pairs: labels, masks and the optimizer are wired right."""
-    cfg = _cfg(shapes_shards, captioner_clip_dir, "data.max_samples=8", "optim.epochs=30", "optim.lr=1e-2",
-               "optim.warmup_steps=2")
+    cfg = _cfg(shapes_shards, captioner_clip_dir, "data.max_samples=8", "train.epochs=30", "train.lr=1e-2",
+               "train.warmup_steps=2")
     summary = finetune.finetune(cfg, tmp_path / "fit")
     assert summary["final_loss"] < 0.5 * summary["first_loss"], summary
 
@@ -99,7 +100,7 @@ def test_lora_merged_and_kept_adapter(shapes_shards, captioner_clip_dir, tmp_pat
     from transformers import LlavaForConditionalGeneration
 
     cfg = _cfg(shapes_shards, captioner_clip_dir, "lora.enabled=true", "lora.r=4", "lora.merge=false",
-               "optim.lr=1e-2", "optim.epochs=2")
+               "train.lr=1e-2", "train.epochs=2")
     base, _ = finetune.build_captioner(cfg.build)
     summary = finetune.finetune(cfg, tmp_path / "lora")
     assert summary["lora"] == "merged + adapter/"
@@ -109,7 +110,7 @@ def test_lora_merged_and_kept_adapter(shapes_shards, captioner_clip_dir, tmp_pat
     base_sd, merged_sd = base.state_dict(), merged.state_dict()
     q = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(base_sd[q], merged_sd[q])  # adapters merged into the decoder
-    v = "model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight"
+    v = "model.vision_tower.encoder.layers.0.self_attn.q_proj.weight"
     assert torch.equal(base_sd[v], merged_sd[v])  # no adapters and no updates in the frozen tower
     p = "model.multi_modal_projector.linear_1.weight"
     assert not torch.equal(base_sd[p], merged_sd[p])  # the projector trains in full
@@ -152,6 +153,16 @@ def test_bad_config_values_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="hidden_size"):
         load_config(finetune.FinetuneConfig, None, ["build.hidden_size=30", "build.num_heads=4"])
     with pytest.raises(ConfigError, match="nothing|lr"):
-        load_config(finetune.FinetuneConfig, None, ["optim.lr=0"])
+        load_config(finetune.FinetuneConfig, None, ["train.lr=0"])
     with pytest.raises(ValueError, match="--shards"):
         finetune.read_pairs(finetune.DataConfig())
+
+
+def test_max_steps_cuts_the_schedule():
+    o = finetune.TrainSettings(epochs=3, batch_size=4, max_steps=5)
+    got = list(finetune.batches(list(range(10)), o))
+    assert len(got) == finetune.num_steps(10, o) == 5 and [e for e, _ in got] == [0, 0, 0, 1, 1]
+    o = finetune.TrainSettings(epochs=2, batch_size=4)
+    got = list(finetune.batches(list(range(10)), o))
+    assert finetune.num_steps(10, o) == len(got) == 6
+    assert sorted(j for e, idx in got if e == 1 for j in idx) == list(range(10))  # every pair once per epoch
