@@ -171,6 +171,6 @@ def test_set_distances_stream_and_keep_the_reference_between_variants(clip_score
     for got, gen in ((first, gen_a), (second, gen_b)):
         want = clip_distances(gen, ref, clip_scorer)
         assert got["fd_clip"] == pytest.approx(want["fd_clip"], rel=1e-4, abs=1e-4)
-        assert got["cmmd"] == pytest.approx(want["cmmd"], rel=1e-6) and got["num_reference"] == 12
+        assert got["cmmd"] == pytest.approx(want["cmmd"], rel=1e-4, abs=1e-6) and got["num_reference"] == 12
     with pytest.raises(ValueError, match="need a CLIP model"):
         SetDistances()
