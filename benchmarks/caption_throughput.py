@@ -167,9 +167,9 @@ def run_rows(name: str, runner, args, device, flops_per_img: float | None) -> li
         try:
             row.update(measure(runner, bs, args.repeats, device))
         except Exception as exc:  # noqa: BLE001 - record OOM at large batches, keep the table
-            if not is_oom(exc):
+            if not is_oom(exc) and not args.keep_going:
                 raise
-            row["note"] = "out of memory"
+            row["note"] = "out of memory" if is_oom(exc) else f"failed: {type(exc).__name__}: {str(exc)[:160]}"
             free_memory(device)
             rows.append(row)
             continue
@@ -191,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(speed switches it exposes, e.g. '{\"attn_implementation\": \"sdpa\"}')")
     p.add_argument("--weights-dir", default=None, help="where the random model is saved for the backend to load "
                    "(default: a temporary folder; the 8b shape needs ~17 GB of disk)")
+    p.add_argument("--keep-going", action="store_true", help="record a failing batch size and go on (OOM always does)")
     p.add_argument("--no-flops", action="store_true", help="skip counting one image's FLOPs")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
     add_output_args(p)
@@ -222,10 +223,16 @@ def main(argv: list[str] | None = None) -> int:
             processor.save_pretrained(folder)
             del model, plain
             free_memory(device)
-            project = ProjectBackend(folder, device, dtype, args.new_tokens, extra)
-            rows += run_rows("TransformersBackend", project, args, device, flops)
-            sig = ", ".join(n for n in inspect.signature(type(project.backend).__init__).parameters if n != "self")
-            notes.append(f"TransformersBackend({sig}) called with {json.dumps(extra) if extra else 'defaults'}.")
+            try:
+                project = ProjectBackend(folder, device, dtype, args.new_tokens, extra)
+            except Exception as exc:  # noqa: BLE001 - keep the plain rows when the backend cannot load
+                if not args.keep_going:
+                    raise
+                rows.append({"path": "TransformersBackend", "note": f"failed to load: {type(exc).__name__}: {exc}"[:200]})
+            else:
+                rows += run_rows("TransformersBackend", project, args, device, flops)
+                sig = ", ".join(n for n in inspect.signature(type(project.backend).__init__).parameters if n != "self")
+                notes.append(f"TransformersBackend({sig}) called with {json.dumps(extra) if extra else 'defaults'}.")
     notes = [f"LLaVA-{args.shape} random weights: {params / 1e6:,.1f} M parameters, {dtype}; prompt {n_prompt} tokens "
              f"(image tokens included), {args.new_tokens} new tokens forced; median of {args.repeats} batches.",
              (f"FLOPs per image (counted, batch 1): {flops / 1e12:.3f} TFLOP; MFU against {args.peak_tflops:g} TFLOP/s."

@@ -32,9 +32,10 @@ DRY=0
 # The device tool stops a command at 600 s; every part's timeout is cut to what is left of this budget.
 BUDGET="${BENCH_BUDGET_S:-570}"
 START=$(date +%s)
-# Wheels the GPU image lacks (KINDS.md lists its packages): diffusers, and importlib_metadata for it.
-# importlib_metadata is held below 9, whose new dependency the image also lacks.
-WHEELS=("diffusers==0.42.1" "importlib_metadata==8.7.0")
+# Wheels the GPU image lacks (KINDS.md lists its packages): diffusers and importlib_metadata for it
+# (held below 9, whose new dependency the image also lacks); transformers 5.24.0 replaces the image's
+# 5.17 so both machines run the version the project is tested with (its other needs are in the image).
+WHEELS=("diffusers==0.42.1" "importlib_metadata==8.7.0" "transformers==5.24.0")
 
 fetch_wheels() {
   local exclude
@@ -116,9 +117,9 @@ part() {
     train-b4) run train-b4 480 "$PY" "$t" --sizes paper --models DiT-B/4 --keep-going $(common_args) ;;
     train-b2) run train-b2 420 "$PY" "$t" --sizes paper --models DiT-B/2 --texts clip-l --keep-going $(common_args) ;;
     train-xl2) run train-xl2 540 "$PY" "$t" --sizes paper --models DiT-XL/2 --keep-going $(common_args) ;;
-    e2e) run e2e 420 "$PY" benchmarks/trainer_e2e.py --size paper --workers 0 8 $(common_args) ;;
+    e2e) run e2e 420 "$PY" benchmarks/trainer_e2e.py --size paper --workers 0 8 --keep-going $(common_args) ;;
     caption) run caption 540 "$PY" benchmarks/caption_throughput.py --shape 8b --batch-sizes 32 64 128 \
-      --weights-dir /tmp/bench-llava $(common_args) ;;
+      --weights-dir /tmp/bench-llava --keep-going $(common_args) ;;
     data) run data 300 "$PY" benchmarks/data_cpu.py --samples 1000 --image-size 512 --device cpu \
       --markdown "$OUT/tables.md" --json "$OUT/results.jsonl" ;;
     *) echo "unknown part '$1' (env train-b4 train-b2 train-xl2 e2e caption data all)" >&2; exit 2 ;;

@@ -281,6 +281,44 @@ def matmul_ceiling(device: torch.device, n: int) -> float:
     return 2 * n**3 / sec / 1e12
 
 
+def counted_flops_per_image(case: Case) -> tuple[float, float]:
+    """(forward + backward FLOPs per image, parameters) of the plain model, counted on fake tensors:
+    shapes only, no memory and no arithmetic, so it runs for any size on any machine in seconds."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    one = dataclasses.replace(case, batch=1)  # FLOPs are linear in the batch
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = plain_model(one)
+        b = inputs(one, torch.device("cpu"))
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out = model(b["x0"], timestep=torch.ones(1) * 500.0, encoder_hidden_states=b["emb"],
+                        encoder_attention_mask=b["mask"], added_cond_kwargs=None, return_dict=False)[0]
+            out.float().square().mean().backward()
+        params = sum(p.numel() for p in model.parameters())
+    return float(counter.get_total_flops()), float(params)
+
+
+def flops_table(args, size: dict) -> int:
+    """--flops-only: counted GFLOP per image and the img/s that given MFU levels mean on the card."""
+    rows = []
+    levels = args.mfu_levels
+    for model in args.models or size["models"]:
+        for text in args.texts or size["texts"]:
+            flops, params = counted_flops_per_image(Case(model, text, size["latent"], 1))
+            row = {"model": model, "text": f"{text} {TEXTS[text][0]}x{TEXTS[text][1]}", "params M": params / 1e6,
+                   "GFLOP/img": flops / 1e9}
+            for m in levels:
+                row[f"img/s at {m:g}% MFU"] = m / 100 * args.peak_tflops * 1e12 / flops
+            rows.append(row)
+    columns = ["model", "text", "params M", "GFLOP/img", *[f"img/s at {m:g}% MFU" for m in levels]]
+    report("train step FLOPs (counted)", rows, columns, args, torch.device("cpu"), digits={"GFLOP/img": 1, "params M": 1},
+           notes=[f"Forward + backward of the plain diffusers model at batch 1, counted by torch.utils.flop_counter on "
+                  f"fake tensors (exact for any device); img/s = MFU x {args.peak_tflops:g} TFLOP/s / FLOPs per image."])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", choices=sorted(SIZES), default="paper", help="paper (256 px DiTs) or tiny (CPU smoke test)")
@@ -298,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the card's dense bf16 peak for MFU (default: H100 SXM, 989)")
     p.add_argument("--matmul", type=int, default=8192, help="also time an N^3 bf16 matmul on GPU (0 = skip)")
     p.add_argument("--keep-going", action="store_true", help="record a failing row and go on (OOM always does)")
+    p.add_argument("--flops-only", action="store_true",
+                   help="only count FLOPs per image (fake tensors, no compute) and the img/s that --mfu-levels mean")
+    p.add_argument("--mfu-levels", type=float, nargs="+", default=[37.0, 45.0, 55.0],
+                   help="MFU levels (%%) for --flops-only (default: REFERENCE.md's plain-levers 37%%, the targets 45%% and 55%%)")
     add_output_args(p)
     return p
 
@@ -310,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True  # the trainer's allow_tf32 default; fp32 rows use it
         torch.backends.cudnn.allow_tf32 = True
     size = SIZES[args.sizes]
+    if args.flops_only:
+        return flops_table(args, size)
     variants = [Variant.parse(v) for v in args.variants]
     rows = []
     for model in args.models or size["models"]:

@@ -121,9 +121,10 @@ def run_row(size: dict, work: Path, enc: tuple[Path, Path], workers: int, args, 
         with instrumented(trainer_module) as loaders:
             trainer.fit()
     except Exception as exc:  # noqa: BLE001 - keep the other rows
-        if not is_oom(exc):
+        if not is_oom(exc) and not args.keep_going:
             raise
-        row["note"] = "out of memory"
+        row["note"] = "out of memory" if is_oom(exc) else f"failed: {type(exc).__name__}: {str(exc)[:160]}"
+        free_memory(device)
         return row
     waits = loaders[0].waits[args.warmup:args.warmup + args.steps]
     times = [s for s, _ in steps[args.warmup:]]
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per row")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 on GPU, 1 on CPU)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="model.compile: auto = on CUDA")
+    p.add_argument("--keep-going", action="store_true", help="record a failing row and go on (OOM always does)")
     p.add_argument("--checkpoint", action="store_true", help="keep the end-of-run checkpoint (outside the timing)")
     p.add_argument("--work", default=None, help="folder for shards, encoders, cache and runs (default: temporary)")
     add_output_args(p)

@@ -132,3 +132,29 @@ def test_gpu_session_script_dry_run(tmp_path):
         assert name in proc.stdout
     assert "timeout" in proc.stdout
     assert not list(tmp_path.iterdir()) or all(p.stat().st_size == 0 for p in tmp_path.iterdir() if p.is_file())
+
+
+def test_fake_tensor_flop_count_matches_a_real_step():
+    """--flops-only counts on fake tensors; it must equal the count of a real forward + backward."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import common
+        import train_step
+    finally:
+        sys.path.remove(str(BENCH))
+    case = train_step.Case("DiT-tiny/2", "clip-tiny", 8, 3)
+    fake, params = train_step.counted_flops_per_image(case)
+    torch.manual_seed(0)
+    model = train_step.plain_model(case)
+    b = train_step.inputs(case, torch.device("cpu"))
+
+    def fwd_bwd():
+        out = model(b["x0"], timestep=torch.ones(3) * 500.0, encoder_hidden_states=b["emb"],
+                    encoder_attention_mask=b["mask"], added_cond_kwargs=None, return_dict=False)[0]
+        out.float().square().mean().backward()
+
+    real = common.count_flops(fwd_bwd)
+    assert real > 0 and abs(real / 3 - fake) / fake < 1e-6, (real / 3, fake)
+    assert params == sum(p.numel() for p in model.parameters())
