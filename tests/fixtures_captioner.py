@@ -102,6 +102,7 @@ HOSTILE_EXPECT = {
     "latin1": ("ok", "not valid UTF-8"),
     "hugecaption": ("ok", "caption cut"),
     "noimage": ("skipped", "no image member"),
+    "link": ("skipped", "not a regular file"),
 }
 
 
@@ -130,6 +131,10 @@ def hostile_shard(tmp_path_factory):
         _add(tar, "../escape.png", png)
         _add(tar, "sub/dir.png", png)
         _add(tar, "bad key.png", png)
+        link = tarfile.TarInfo("link.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+        _add(tar, "good.png", png)  # the same key again, later in the shard
     return out
 
 

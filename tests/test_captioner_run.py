@@ -87,7 +87,10 @@ def test_hostile_inputs_are_captioned_or_skipped_with_reason(hostile_shard, tiny
     rc = main(["--input", str(hostile_shard), "--out", str(out), "--model", str(tiny_llava_dir),
                "--prompt", "conditioned", "--batch-size", "4", "--max-new-tokens", "4"])
     assert rc == 0
-    rows = {r["key"]: r for r in pq.read_table(out / "00000.parquet").to_pylist()}
+    table = pq.read_table(out / "00000.parquet").to_pylist()
+    goods = [r for r in table if r["key"] == "good"]
+    assert [r["status"] for r in goods] == ["ok", "skipped"] and "duplicate key" in goods[1]["error"]
+    rows = {r["key"]: r for r in table if r not in goods[1:]}
     for key, (status, reason) in HOSTILE_EXPECT.items():
         row = rows[key]
         assert row["status"] == status, (key, row)
