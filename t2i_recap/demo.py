@@ -45,7 +45,7 @@ class DemoConfig:
     """Caption-mixing ratios to train: p = 1.0 is the alt-text baseline, p = 0.0 recaptions only."""
     train_steps: int = 3000
     train_batch_size: int = 64
-    train_config: str = str(REPO_CONFIGS / "train" / "shapes_demo.yaml")
+    train_config: str = str(REPO_CONFIGS / "train" / "shapes_tiny.yaml")
     finetune_config: str = str(REPO_CONFIGS / "caption" / "finetune_shapes.yaml")
     finetune_overrides: list[str] = dataclasses.field(default_factory=list)
     caption_batch_size: int = 128
