@@ -4,7 +4,8 @@ Captions are named by a *field spec*, so any layout trains without conversion:
   "txt"               the `<key>.txt` tar member (any member extension works, e.g. "caption")
   "json:org_caption"  a field of the `<key>.json` member
   "sidecar:re_caption" a column of the recaption sidecar `<recaption_dir>/<shard stem>.parquet`,
-                      joined by key; rows whose status is not "success" have no recaption
+                      joined by key; rows whose status is not "ok" (the captioner's word for a
+                      captioned row; "success" is accepted too) have no recaption
   "column:text"       a column of an HF dataset
 The official Recap-DataComp-1B download (img2dataset with --caption_col re_caption) trains with
 original_caption="json:org_caption", recaption="txt".
@@ -38,6 +39,9 @@ from t2i_recap.shards import iter_tar_samples
 log = get_logger(__name__)
 
 _SPEC_KINDS = ("json", "sidecar", "column")
+# Sidecar statuses of a usable recaption: the captioner writes "ok" (skipped/failed rows hold none);
+# "success" is img2dataset's word, used by hand-made sidecars.
+_CAPTIONED = ("ok", "success")
 
 
 @dataclasses.dataclass
@@ -182,7 +186,7 @@ class WebDatasetSource:
         if kind == "json":
             return _clean(meta.get(name)) if meta else None
         if kind == "sidecar":
-            if row is None or row.get("status", "success") != "success":
+            if row is None or row.get("status", "ok") not in _CAPTIONED:
                 return None
             return _clean(row.get(name))
         raise ValueError(f"caption spec kind {kind!r} does not apply to webdataset shards")

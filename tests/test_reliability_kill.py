@@ -34,15 +34,7 @@ from fixtures_train import train_config_dict
 
 REPO = Path(__file__).resolve().parents[1]
 TRIALS = 10
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: steadier on a shared 2-core box, and safe to fork (no OpenMP pool in use)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: steadier on one thread
 
 
 def run_forked(fn, *, kill_after: float | None = None, timeout: float = 120.0) -> str:

@@ -15,12 +15,8 @@ from safetensors.torch import load_file
 from fixtures_train import train_config_dict, write_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: steadier on one thread
 
 
 def _cfg_dict(train_assets, train_shards, run: Path, **trainer) -> dict:
