@@ -217,18 +217,22 @@ class Demo:
         return stages
 
 
-def summarize(out: Path) -> str:
-    """The closing summary: each run's overall alignment with its confidence interval."""
+def summarize(out: Path, metric: str = "oracle_geneval") -> str:
+    """The closing summary: each run's overall oracle alignment with its 95% bootstrap CI."""
     path = out / "report" / "compare.json"
     if not path.exists():
         return f"no comparison report at {path}"
     data = json.loads(path.read_text())
-    lines = ["", "Overall shapes-oracle alignment (95% bootstrap CI over prompts):"]
-    for row in data.get("rows", []):
-        lines.append(f"  {row.get('label', '?'):>8}: " + ", ".join(
-            f"{name} {cell['mean']:.3f} [{cell['ci_low']:.3f}, {cell['ci_high']:.3f}]"
-            for name, cell in row.get("overall", {}).items()))
-    lines.append(f"Report: {out / 'report' / 'compare.html'} (also .md, .json)")
+    lines = ["", f"Overall shapes-oracle alignment ({metric}; mean [95% bootstrap CI over prompts]):"]
+    for row in data["rows"]:
+        cells = []
+        for variant, cell in row["variants"].items():
+            value = cell.get(metric) or {}
+            if value.get("mean") is not None:
+                low, high = value["ci"]
+                cells.append(f"{variant} prompts {value['mean']:.3f} [{low:.3f}, {high:.3f}]")
+        lines.append(f"  {row['label']:>8}: " + "; ".join(cells))
+    lines.append(f"Report: {out / 'report' / 'compare.html'} (also compare.md, compare.json)")
     return "\n".join(lines)
 
 
