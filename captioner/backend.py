@@ -15,6 +15,7 @@ from typing import Literal, Protocol
 import torch
 from PIL import Image
 
+from t2i_recap.io import check_model_source
 from t2i_recap.logging_utils import get_logger
 
 log = get_logger(__name__)
@@ -99,7 +100,7 @@ class TransformersBackend:
                  trust_remote_code: bool = False, attn_implementation: str | None = "sdpa") -> None:
         from transformers import AutoProcessor
 
-        self.model_id = str(model)
+        self.model_id = check_model_source(model, "captioner model")  # names a missing folder
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = resolve_dtype(dtype, self.device)
         self.processor = AutoProcessor.from_pretrained(self.model_id, trust_remote_code=trust_remote_code)
