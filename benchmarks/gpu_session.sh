@@ -9,7 +9,7 @@
 #   train-b4   train_step.py: DiT-B/4,  CLIP-L and T5-XXL text, 3 rows each     (~4 min)
 #   train-b2   train_step.py: DiT-B/2,  CLIP-L text                              (~3 min)
 #   train-xl2  train_step.py: DiT-XL/2, CLIP-L and T5-XXL text                   (~6 min)
-#   e2e        trainer_e2e.py: DiT-B/4 from the feature cache, 0 and 8 workers   (~3 min)
+#   e2e        trainer_e2e.py: DiT-B/4 trainer, batch in memory / 0 / 8 workers  (~4 min)
 #   caption    caption_throughput.py: 8B LLaVA shape, batches 32 64 128          (~5 min)
 #   data       data_cpu.py: shard decode and cache read on this machine's CPUs (~2 min)
 #   all        every part above, in that order (more than one 10-minute device call: split it)
@@ -117,7 +117,7 @@ part() {
     train-b4) run train-b4 480 "$PY" "$t" --sizes paper --models DiT-B/4 --keep-going $(common_args) ;;
     train-b2) run train-b2 420 "$PY" "$t" --sizes paper --models DiT-B/2 --texts clip-l --keep-going $(common_args) ;;
     train-xl2) run train-xl2 540 "$PY" "$t" --sizes paper --models DiT-XL/2 --keep-going $(common_args) ;;
-    e2e) run e2e 420 "$PY" benchmarks/trainer_e2e.py --size paper --workers 0 8 --keep-going $(common_args) ;;
+    e2e) run e2e 420 "$PY" benchmarks/trainer_e2e.py --size paper --loaders mem 0 8 --keep-going $(common_args) ;;
     caption) run caption 540 "$PY" benchmarks/caption_throughput.py --shape 8b --batch-sizes 32 64 128 \
       --weights-dir /tmp/bench-llava --keep-going $(common_args) ;;
     data) run data 300 "$PY" benchmarks/data_cpu.py --samples 1000 --image-size 512 --device cpu \

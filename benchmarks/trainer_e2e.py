@@ -6,12 +6,14 @@ from synthetic JPEG shards (benchmarks/synthetic.py: random shallow encoders of 
 so cached rows have their real shapes). Two things are wrapped, nothing is replaced:
   - the loader `fit()` builds (t2i_recap.trainer.make_loader) is wrapped to time every `next()`;
   - `train_step` is wrapped to time each optimizer step.
+A row with loader "mem" repeats the loader's first batch, so it is the trainer's own step cost (host
+work, copies, EMA, clipping) without data; the gap to it is what the data path costs.
 With one micro-batch per step the step ends in a host sync (the loss is read back), so time spent
 in `next()` is time the GPU sits idle waiting for data. The end-of-run checkpoint is skipped
 (`--checkpoint` keeps it): it is a periodic cost, not a per-step one. Warm-up steps (compilation,
 worker start-up) are excluded.
 
-  python benchmarks/trainer_e2e.py --size paper --device cuda --workers 0 4 8
+  python benchmarks/trainer_e2e.py --size paper --device cuda --loaders mem 0 4 8
   python benchmarks/trainer_e2e.py --size tiny --device cpu --steps 3   # smoke test
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import sys
 import tempfile
 import time
@@ -56,14 +59,26 @@ class TimedLoader:
             yield batch
 
 
+class RepeatBatch:
+    """The loader's first batch, yielded forever: the trainer's step with data already in memory."""
+
+    def __init__(self, loader) -> None:
+        self.batch = next(iter(loader))
+
+    def __iter__(self):
+        return itertools.repeat(self.batch)
+
+
 @contextlib.contextmanager
-def instrumented(trainer_module):
-    """Patch the trainer module's make_loader so the loader fit() builds is a TimedLoader."""
+def instrumented(trainer_module, in_memory: bool = False):
+    """Patch the trainer module's make_loader so the loader fit() builds is a TimedLoader
+    (around a RepeatBatch when `in_memory`)."""
     loaders: list[TimedLoader] = []
     original = trainer_module.make_loader
 
     def make_loader(*args, **kwargs):
-        loaders.append(TimedLoader(original(*args, **kwargs)))
+        loader = original(*args, **kwargs)
+        loaders.append(TimedLoader(RepeatBatch(loader) if in_memory else loader))
         return loaders[-1]
 
     trainer_module.make_loader = make_loader
@@ -95,13 +110,17 @@ def train_config(size: dict, work: Path, text_dir: Path, vae_dir: Path, *, worke
     return from_dict(TrainConfig, cfg, "trainer_e2e.py")
 
 
-def run_row(size: dict, work: Path, enc: tuple[Path, Path], workers: int, args, device) -> dict:
+def run_row(size: dict, work: Path, enc: tuple[Path, Path], loader: str, args, device) -> dict:
+    """One row: `loader` is "mem" (one batch repeated: no data cost) or a data.num_workers count."""
     import t2i_recap.trainer as trainer_module
 
-    row = {"model": size["model"], "text": size["text"], "batch": size["batch"], "workers": workers}
+    in_memory = loader == "mem"
+    workers = 0 if in_memory else int(loader)
+    row = {"model": size["model"], "text": size["text"], "batch": size["batch"],
+           "loader": "in memory" if in_memory else f"{workers} workers"}
     compile_model = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     cfg = train_config(size, work, *enc, workers=workers, steps=args.warmup + args.steps, device=device,
-                       compile_model=compile_model, run=f"w{workers}")
+                       compile_model=compile_model, run="mem" if in_memory else f"w{workers}")
     free_memory(device)
     reset_peak_memory(device)
     steps: list[tuple[float, int]] = []
@@ -118,7 +137,7 @@ def run_row(size: dict, work: Path, enc: tuple[Path, Path], workers: int, args, 
         trainer.train_step = timed_step
         if not args.checkpoint:
             trainer.save = lambda: None
-        with instrumented(trainer_module) as loaders:
+        with instrumented(trainer_module, in_memory) as loaders:
             trainer.fit()
     except Exception as exc:  # noqa: BLE001 - keep the other rows
         if not is_oom(exc) and not args.keep_going:
@@ -142,7 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=sorted(SIZES), default="paper")
     p.add_argument("--model", default=None, help="override the model, e.g. DiT-XL/2")
     p.add_argument("--batch", type=int, default=None, help="override the per-step batch")
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 4], help="data.num_workers values, one row each")
+    p.add_argument("--text", default=None, choices=sorted(synthetic.TEXT_ENCODERS),
+                   help="override the text-feature width (e.g. t5-xxl: 120 x 4096 per caption)")
+    p.add_argument("--loaders", nargs="+", default=["mem", "0", "4"],
+                   help="one row each: 'mem' (the loader's first batch repeated: the step without data cost) or a "
+                        "data.num_workers count")
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per row")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 on GPU, 1 on CPU)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="model.compile: auto = on CUDA")
@@ -164,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # accelerate would otherwise take a visible GPU
     args.warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 1)
     size = dict(SIZES[args.size])
-    size.update({k: v for k, v in (("model", args.model), ("batch", args.batch)) if v})
+    size.update({k: v for k, v in (("model", args.model), ("batch", args.batch), ("text", args.text)) if v})
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
         work = Path(args.work or tmp)
@@ -175,15 +198,17 @@ def main(argv: list[str] | None = None) -> int:
         synthetic.build_cache(work / "shards", *enc, work / "cache", resolution=size["resolution"],
                               device=str(device))
         prepare_s = time.perf_counter() - t0
-        for workers in args.workers:
-            rows.append(run_row(size, work, enc, workers, args, device))
+        for loader in args.loaders:
+            if loader != "mem" and not loader.isdigit():
+                raise SystemExit(f"--loaders: {loader!r} is neither 'mem' nor a worker count")
+            rows.append(run_row(size, work, enc, loader, args, device))
     notes = [f"{size['samples']} synthetic samples in {size['shards']} shards at {size['resolution']} px; cache built "
              f"by prepare_cache in {prepare_s:.1f} s (shallow random encoders: not a prepare benchmark).",
              f"Median of {args.steps} steps after {args.warmup} warm-up; wait % = time blocked in the loader's next() "
              "/ step time (one micro-batch per step, so the GPU is idle while it waits).",
              "The end-of-run checkpoint is " + ("included in the run but not the timing." if args.checkpoint
                                                  else "skipped (--checkpoint keeps it).")]
-    columns = ["model", "text", "batch", "workers", "img/s", "step ms", "data wait ms", "wait %", "peak GiB",
+    columns = ["model", "text", "batch", "loader", "img/s", "step ms", "data wait ms", "wait %", "peak GiB",
                "levers", "note"]
     report("trainer end to end", rows, columns, args, device, digits={"peak GiB": 2, "data wait ms": 2}, notes=notes)
     return 0
