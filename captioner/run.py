@@ -99,6 +99,9 @@ class Dist:
     @classmethod
     def from_env(cls) -> "Dist":
         """accelerate launch / torchrun set these; no process group is needed (ranks never talk)."""
+        from t2i_recap.launch import check_cpu_launch
+
+        check_cpu_launch("t2i_recap.captioner")  # the same refusal as the trainer's
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         if not 0 <= rank < world:

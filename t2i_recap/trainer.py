@@ -370,13 +370,10 @@ def _cpu_processes() -> bool:
     processes. `accelerate launch --cpu --num_processes 2` instead starts ONE process (its simple
     launcher expects MPI); that case sets MASTER_ADDR but no WORLD_SIZE, and is an error here.
     """
+    from t2i_recap.launch import check_cpu_launch
+
+    check_cpu_launch("t2i_recap.train")
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    mpi = any(v in os.environ for v in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
-    if use_cpu and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ and not mpi:
-        raise RuntimeError(
-            "accelerate launch --cpu --num_processes N started a single process (accelerate's CPU launcher needs "
-            "MPI). For N CPU processes run `accelerate launch --multi_gpu --num_processes N -m t2i_recap.train ...` "
-            "on a machine without GPUs, or `torchrun --nproc_per_node N -m t2i_recap.train ...`.")
     return use_cpu or not torch.cuda.is_available()
 
 
