@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from t2i_recap.captioner.images import to_rgb
 from t2i_recap.io import expand_shards
 from t2i_recap.logging_utils import get_logger
 from t2i_recap.shards import iter_tar_samples
@@ -115,11 +116,8 @@ def load_image(data: bytes | Image.Image, resolution: int) -> torch.Tensor:
     """Decode, convert to RGB (CMYK, palette, alpha composited on white), resize + centre-crop -> (3, R, R) in [-1, 1]."""
     img = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
     img.load()
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        img = Image.new("RGB", rgba.size, (255, 255, 255))
-        img.paste(rgba, mask=rgba.split()[-1])
-    img = img.convert("RGB")
+    # The captioner's conversion: 16-bit rescaled (PIL's convert("RGB") clips it to white), alpha on white.
+    img = to_rgb(img)
     if img.size != (resolution, resolution):
         img = ImageOps.fit(img, (resolution, resolution), Image.Resampling.BICUBIC, centering=(0.5, 0.5))
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
