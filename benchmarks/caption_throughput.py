@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                 notes.append(f"TransformersBackend({sig}) called with {json.dumps(extra) if extra else 'defaults'}.")
     notes = [f"LLaVA-{args.shape} random weights: {params / 1e6:,.1f} M parameters, {dtype}; prompt {n_prompt} tokens "
              f"(image tokens included), {args.new_tokens} new tokens forced; median of {args.repeats} batches.",
-             (f"FLOPs per image (counted, batch 1): {flops / 1e12:.3f} TFLOP; MFU against {args.peak_tflops:g} TFLOP/s."
+             (f"FLOPs per image (counted at batch 1: vision tower, prefill, {args.new_tokens} decode steps): "
+              f"{flops / 1e9:,.3f} GFLOP; MFU against {args.peak_tflops:g} TFLOP/s."
               if flops else "FLOPs not counted."), *notes]
     columns = ["path", "batch", "img/s", "batch s", "new tokens/img", "TFLOP/s", "MFU %", "peak GiB", "note"]
     report(f"captioning ({args.shape})", rows, columns, args, device,

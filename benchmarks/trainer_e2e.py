@@ -117,7 +117,7 @@ def run_row(size: dict, work: Path, enc: tuple[Path, Path], loader: str, args, d
     in_memory = loader == "mem"
     workers = 0 if in_memory else int(loader)
     row = {"model": size["model"], "text": size["text"], "batch": size["batch"],
-           "loader": "in memory" if in_memory else f"{workers} workers"}
+           "loader": "in memory" if in_memory else f"{workers} worker{'' if workers == 1 else 's'}"}
     compile_model = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     cfg = train_config(size, work, *enc, workers=workers, steps=args.warmup + args.steps, device=device,
                        compile_model=compile_model, run="mem" if in_memory else f"w{workers}")
@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=sorted(SIZES), default="paper")
     p.add_argument("--model", default=None, help="override the model, e.g. DiT-XL/2")
     p.add_argument("--batch", type=int, default=None, help="override the per-step batch")
+    p.add_argument("--samples", type=int, default=None, help="override the number of synthetic samples")
     p.add_argument("--text", default=None, choices=sorted(synthetic.TEXT_ENCODERS),
                    help="override the text-feature width (e.g. t5-xxl: 120 x 4096 per caption)")
     p.add_argument("--loaders", nargs="+", default=["mem", "0", "4"],
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # accelerate would otherwise take a visible GPU
     args.warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 1)
     size = dict(SIZES[args.size])
-    size.update({k: v for k, v in (("model", args.model), ("batch", args.batch), ("text", args.text)) if v})
+    size.update({k: v for k, v in (("model", args.model), ("batch", args.batch), ("text", args.text),
+                                                   ("samples", args.samples)) if v})
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
         work = Path(args.work or tmp)
