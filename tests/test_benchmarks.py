@@ -133,7 +133,13 @@ def test_gpu_session_script_dry_run(tmp_path):
     for name in ("train_step.py", "trainer_e2e.py", "caption_throughput.py", "data_cpu.py"):
         assert name in proc.stdout
     assert "timeout" in proc.stdout
-    assert not list(tmp_path.iterdir()) or all(p.stat().st_size == 0 for p in tmp_path.iterdir() if p.is_file())
+    assert not list(tmp_path.iterdir()), "a dry run wrote files"
+    # Each part's timeout is cut to what is left of the call's budget; with under a minute left, it is skipped.
+    short = subprocess.run(["bash", str(script), "--dry-run", "train-b4", "caption"], capture_output=True, text=True,
+                           timeout=60, env={**os.environ, "OUT": str(tmp_path), "BENCH_BUDGET_S": "30"}, cwd=ROOT)
+    assert short.returncode == 0 and short.stdout.count("skipped") == 2, short.stdout
+    bad = subprocess.run(["bash", str(script), "--dry-run", "train-b5"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown part 'train-b5'" in bad.stderr
 
 
 def test_fake_tensor_flop_count_matches_a_real_step():
