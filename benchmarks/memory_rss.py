@@ -7,8 +7,9 @@ shard, so their peak depends on the shard size, not on the number of shards. Eac
 its own process (the real CLIs: `python -m t2i_recap.captioner`, `python -m t2i_recap.prepare`) and
 its peak resident set size is read from the kernel when it exits (`wait4` rusage, ru_maxrss).
 
-The models are tiny and random (a LLaVA-shaped captioner generating `--max-new-tokens` tokens, a
-CLIP text tower and a VAE), so the run fits a 2-core CPU in minutes; the memory behaviour under
+The models are tiny and random (a 16 px LLaVA-shaped captioner generating `--max-new-tokens`
+tokens for a one-word prompt, a one-layer CLIP text tower reading 16 tokens, a VAE), so the run
+fits a 2-core CPU; the memory behaviour under
 test is the pipeline's (readers, prefetch, sidecar rows, cache shards), not the model's. The larger
 dataset is generated once; the smaller one is its first shards (a brace pattern).
 """
@@ -43,9 +44,10 @@ def build_models(work: Path) -> dict[str, Path]:
         return paths
     torch.manual_seed(0)
     build_tokenizer(paths["tokenizer"])
-    tiny_llava(paths["llava"], tokenizer_dir=paths["tokenizer"])
+    # 16 px, 4 image tokens, one layer: the pipeline's memory is under test, not the model's
+    tiny_llava(paths["llava"], tokenizer_dir=paths["tokenizer"], image_size=16, patch_size=8, hidden=16, layers=1)
     tok = AutoTokenizer.from_pretrained(str(paths["tokenizer"]))
-    CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                  num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
                   ).save_pretrained(str(paths["clip"]))
@@ -81,11 +83,12 @@ def measure(n: int, args, models: dict[str, Path], shards: Path) -> dict:
     caps, cache = work / f"captions_{n}", work / f"cache_{n}"
     caption = run_measured([sys.executable, "-m", "t2i_recap.captioner", "--input", pattern, "--out", str(caps),
                             "--model", str(models["llava"]), "--batch-size", str(args.batch_size),
-                            "--max-new-tokens", str(args.max_new_tokens), "--dtype", "float32"],
+                            "--max-new-tokens", str(args.max_new_tokens), "--dtype", "float32",
+                            "--template", "Describe."],
                            work / f"caption_{n}.log")
     cfg = {"data": {"shards": pattern, "resolution": args.resolution, "original_caption": "txt",
                     "recaption": "sidecar:re_caption", "recaption_dir": str(caps)},
-           "text_encoder": {"name_or_path": str(models["clip"])},
+           "text_encoder": {"name_or_path": str(models["clip"]), "max_length": args.max_text_tokens},
            "features": {"vae": str(models["vae"]), "cache_dir": str(cache), "dtype": "float16",
                         "encode_batch_size": args.batch_size}}
     cfg_file = work / f"prepare_{n}.yaml"
@@ -104,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=int, default=16, help="image side in pixels")
     p.add_argument("--batch-size", type=int, default=64, help="captioner and encoder batch size")
     p.add_argument("--max-new-tokens", type=int, default=2, help="tokens the tiny captioner generates per image")
+    p.add_argument("--max-text-tokens", type=int, default=16, help="text encoder tokens per caption in the cache")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     from t2i_recap.shapes.make import make_dataset

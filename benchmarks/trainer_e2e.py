@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import shutil
 import sys
 import tempfile
 import time
@@ -119,8 +120,10 @@ def run_row(size: dict, work: Path, enc: tuple[Path, Path], loader: str, args, d
     row = {"model": size["model"], "text": size["text"], "batch": size["batch"],
            "loader": "in memory" if in_memory else f"{workers} worker{'' if workers == 1 else 's'}"}
     compile_model = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    run = "mem" if in_memory else f"w{workers}"
+    shutil.rmtree(work / "runs" / run, ignore_errors=True)  # a rerun over the same --work starts clean
     cfg = train_config(size, work, *enc, workers=workers, steps=args.warmup + args.steps, device=device,
-                       compile_model=compile_model, run="mem" if in_memory else f"w{workers}")
+                       compile_model=compile_model, run=run)
     free_memory(device)
     reset_peak_memory(device)
     steps: list[tuple[float, int]] = []
