@@ -60,7 +60,8 @@ def build_models(work: Path) -> dict[str, Path]:
 
 def run_measured(cmd: list[str], log: Path) -> dict:
     """Run `cmd`; returns its wall time and peak RSS (MiB, from the kernel's rusage of that process)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # one thread: tiny models gain nothing from more, and a shared box punishes oversubscription
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     started = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)

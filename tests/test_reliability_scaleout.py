@@ -5,7 +5,8 @@ same global batch.
 The real two-process captioning launch is tested in test_captioner_run.py::test_two_process_split
 and the two-process train/checkpoint/resume in test_train_multiprocess.py; this file adds what they
 do not: rank splits across restarts with a changed world size, the refusal of the launch that
-silently starts one process, and the 1-vs-2-process loss comparison (reusing that file's launcher).
+silently starts one process, and the 1-vs-2-process loss comparison, launched with the documented
+docs/accelerate/cpu_two_processes.yaml.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import pytest
 
 from fixtures_train import train_config_dict, write_config
 from test_reliability_bad_input import EchoBackend
-from test_train_multiprocess import _launch
 
 REPO = Path(__file__).resolve().parents[1]
+LAUNCH_CONFIG = REPO / "docs/accelerate/cpu_two_processes.yaml"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -95,7 +96,11 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path, train_assets
     one = tmp_path / "one"
     single = train(from_dict(TrainConfig, train_config_dict(train_assets, shards, one, side, **sections)))
     two = tmp_path / "two"
-    res = _launch(write_config(tmp_path / "two.yaml", train_config_dict(train_assets, shards, two, side, **sections)))
+    cfg_file = write_config(tmp_path / "two.yaml", train_config_dict(train_assets, shards, two, side, **sections))
+    # the documented launcher file (docs/SCALING.md), not flags
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH_CONFIG),
+           "-m", "t2i_recap.train", "--config", str(cfg_file)]
+    res = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stderr[-4000:]
     a, b = _losses(one), _losses(two)
     assert len(a) == len(b) == 12 and single["samples"] == 96
