@@ -99,7 +99,8 @@ class PlainGenerate:
     """What a user writes with transformers alone: processor + chat template, left padding, generate."""
 
     def __init__(self, model, processor, device, dtype, new_tokens: int):
-        self.model, self.processor, self.device, self.dtype, self.new_tokens = model, processor, device, dtype, new_tokens
+        self.model, self.processor, self.device, self.dtype = model, processor, device, dtype
+        self.new_tokens = new_tokens
         processor.tokenizer.padding_side = "left"
         if processor.tokenizer.pad_token is None:
             processor.tokenizer.pad_token = processor.tokenizer.eos_token
@@ -228,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - keep the plain rows when the backend cannot load
                 if not args.keep_going:
                     raise
-                rows.append({"path": "TransformersBackend", "note": f"failed to load: {type(exc).__name__}: {exc}"[:200]})
+                note = f"failed to load: {type(exc).__name__}: {exc}"[:200]
+                rows.append({"path": "TransformersBackend", "note": note})
             else:
                 rows += run_rows("TransformersBackend", project, args, device, flops)
                 sig = ", ".join(n for n in inspect.signature(type(project.backend).__init__).parameters if n != "self")

@@ -179,6 +179,6 @@ def report(title: str, rows: list[dict], columns: Sequence[str], args: argparse.
 
 
 def default_threads() -> None:
-    """Respect an explicit OMP_NUM_THREADS; else leave torch's default (all cores)."""
+    """Respect an explicit OMP_NUM_THREADS; else leave torch's default (all cores). Used by caption_cpu.py."""
     if "OMP_NUM_THREADS" in os.environ:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

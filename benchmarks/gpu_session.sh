@@ -128,8 +128,10 @@ part() {
     env) part_env ;;
     smoke)
       run smoke-train 200 "$PY" "$t" --sizes tiny --steps 2 --keep-going $(common_args)
-      run smoke-caption 120 "$PY" benchmarks/caption_throughput.py --shape tiny --new-tokens 16 --keep-going $(common_args)
-      run smoke-e2e 150 "$PY" benchmarks/trainer_e2e.py --size tiny --steps 3 --loaders mem 0 --keep-going $(common_args) ;;
+      run smoke-caption 120 "$PY" benchmarks/caption_throughput.py --shape tiny --new-tokens 16 --keep-going \
+        $(common_args)
+      run smoke-e2e 150 "$PY" benchmarks/trainer_e2e.py --size tiny --steps 3 --loaders mem 0 --keep-going \
+        $(common_args) ;;
     train-b4) run train-b4 480 "$PY" "$t" --sizes paper --models DiT-B/4 --keep-going $(common_args) ;;
     train-b2) run train-b2 420 "$PY" "$t" --sizes paper --models DiT-B/2 --texts clip-l --keep-going $(common_args) ;;
     train-xl2) run train-xl2 540 "$PY" "$t" --sizes paper --models DiT-XL/2 --keep-going $(common_args) ;;

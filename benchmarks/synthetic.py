@@ -82,7 +82,8 @@ def write_encoders(out: Path, text: str = "clip-l") -> tuple[Path, Path]:
     if not (text_dir / "config.json").is_file():
         tok = build_tokenizer()
         if family == "clip":
-            cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
+            cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width,
+                                 num_hidden_layers=1,
                                  num_attention_heads=max(1, width // 64), max_position_embeddings=tokens,
                                  projection_dim=width, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                  pad_token_id=tok.pad_token_id)

@@ -214,7 +214,10 @@ def build_row(case: Case, variant: Variant, device: torch.device, args) -> tuple
         configure_model(model, cfg)  # runtime switches (checkpointing, attention kernel), as the trainer does
     elif "ckpt" in levers:
         model.enable_gradient_checkpointing()
-    precision = "bf16-autocast" if autocast else ("fp32" if variant.base == "fp32" or amp_ok else "fp32 (autocast off on CPU)")
+    if autocast:
+        precision = "bf16-autocast"
+    else:
+        precision = "fp32" if variant.base == "fp32" or amp_ok else "fp32 (autocast off on CPU)"
     applied = {precision, "mask" if use_mask else "nomask",
                "fused-adamw" if fused else "foreach-adamw"}
     if "ckpt" in levers:
@@ -313,15 +316,17 @@ def flops_table(args, size: dict) -> int:
                 row[f"img/s at {m:g}% MFU"] = m / 100 * args.peak_tflops * 1e12 / flops
             rows.append(row)
     columns = ["model", "text", "params M", "GFLOP/img", *[f"img/s at {m:g}% MFU" for m in levels]]
-    report("train step FLOPs (counted)", rows, columns, args, torch.device("cpu"), digits={"GFLOP/img": 1, "params M": 1},
-           notes=[f"Forward + backward of the plain diffusers model at batch 1, counted by torch.utils.flop_counter on "
-                  f"fake tensors (exact for any device); img/s = MFU x {args.peak_tflops:g} TFLOP/s / FLOPs per image."])
+    notes = [f"Forward + backward of the plain diffusers model at batch 1, counted by torch.utils.flop_counter on "
+             f"fake tensors (exact for any device); img/s = MFU x {args.peak_tflops:g} TFLOP/s / FLOPs per image."]
+    report("train step FLOPs (counted)", rows, columns, args, torch.device("cpu"),
+           digits={"GFLOP/img": 1, "params M": 1}, notes=notes)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", choices=sorted(SIZES), default="paper", help="paper (256 px DiTs) or tiny (CPU smoke test)")
+    p.add_argument("--sizes", choices=sorted(SIZES), default="paper",
+                   help="paper (256 px DiTs) or tiny (CPU smoke test)")
     p.add_argument("--models", nargs="+", default=None, help="override the size set's models, e.g. DiT-XL/2")
     p.add_argument("--texts", nargs="+", default=None, choices=sorted(TEXTS), help="text feature shapes")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="rows: BASE[+LEVER...] (see above)")
@@ -331,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile for rows that ask for it: auto = on CUDA only (CPU compiles take minutes)")
     p.add_argument("--autocast", choices=["auto", "on", "off"], default="auto",
-                   help="bf16 autocast for rows that use it: auto = on CUDA only (CPUs without AMX emulate bf16, 10x slower)")
+                   help="bf16 autocast for rows that use it: auto = on CUDA only "
+                        "(CPUs without AMX emulate bf16, 10x slower)")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                    help="the card's dense bf16 peak for MFU (default: H100 SXM, 989)")
     p.add_argument("--matmul", type=int, default=8192, help="also time an N^3 bf16 matmul on GPU (0 = skip)")
@@ -339,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flops-only", action="store_true",
                    help="only count FLOPs per image (fake tensors, no compute) and the img/s that --mfu-levels mean")
     p.add_argument("--mfu-levels", type=float, nargs="+", default=[37.0, 45.0, 55.0],
-                   help="MFU levels (%%) for --flops-only (default: REFERENCE.md's plain-levers 37%%, the targets 45%% and 55%%)")
+                   help="MFU levels (%%) for --flops-only (default: REFERENCE.md's plain-levers 37%%, "
+                        "the targets 45%% and 55%%)")
     add_output_args(p)
     return p
 
@@ -377,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"({100 * tf / args.peak_tflops:.0f}% of {args.peak_tflops:g}).")
     columns = ["model", "text", "variant", "batch", "img/s", "step ms", "TFLOP/s", "MFU %", "peak GiB",
                "vs baseline", "GFLOP/img", "levers"]
-    report("train step", rows, columns, args, device, digits={"GFLOP/img": 2, "peak GiB": 2, "TFLOP/s": 2 if device.type == "cpu" else 1},
-           notes=notes)
+    digits = {"GFLOP/img": 2, "peak GiB": 2, "TFLOP/s": 2 if device.type == "cpu" else 1}
+    report("train step", rows, columns, args, device, digits=digits, notes=notes)
     return 0
 
 

@@ -28,8 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synthetic  # noqa: E402
 from common import (add_output_args, free_memory, is_oom, median, peak_memory_gib, pick_device,  # noqa: E402

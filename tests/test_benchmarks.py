@@ -111,7 +111,8 @@ def test_data_cpu_tiny(tmp_path):
 
 
 def test_trainer_e2e_tiny(tmp_path):
-    stdout, rows = run_script("trainer_e2e", ["--size", "tiny", "--steps", "2", "--warmup", "1", "--loaders", "mem", "0",
+    stdout, rows = run_script("trainer_e2e", ["--size", "tiny", "--steps", "2", "--warmup", "1",
+                                              "--loaders", "mem", "0",
                                               "--work", str(tmp_path / "work")], tmp_path)
     header, body = table(stdout)
     for col in ("model", "loader", "img/s", "step ms", "data wait ms", "wait %"):
