@@ -108,13 +108,21 @@ def free_memory(device: torch.device) -> None:
 
 
 def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError: torch >= 2.5
+    return isinstance(exc, oom) or "out of memory" in str(exc).lower()
 
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads)"
+
+
+def _script_path() -> str:
+    """The running script relative to the repository root (benchmarks/x.py), as the docs quote it."""
+    script = Path(sys.argv[0]).resolve()
+    root = Path(__file__).resolve().parent.parent
+    return script.relative_to(root).as_posix() if script.is_relative_to(root) else script.as_posix()
 
 
 def environment(device: torch.device) -> dict:
@@ -124,7 +132,7 @@ def environment(device: torch.device) -> dict:
 
     env = {"device": device_name(device), "torch": torch.__version__, "diffusers": diffusers.__version__,
            "transformers": transformers.__version__, "python": platform.python_version(),
-           "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}
+           "command": " ".join(shlex.quote(a) for a in ["python", _script_path(), *sys.argv[1:]])}
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
         env["cudnn"] = torch.backends.cudnn.version()
