@@ -21,11 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
 
-def run_script(name: str, args: list[str], tmp_path: Path, timeout: int = 240) -> tuple[str, list[dict]]:
+def run_script(name: str, args: list[str], tmp_path: Path, timeout: int = 240,
+               device: str = "cpu") -> tuple[str, list[dict]]:
     out_json = tmp_path / f"{name}.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--device", "cpu", "--json", str(out_json),
+           "TOKENIZERS_PARALLELISM": "false"}
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--device", device, "--json", str(out_json),
                            *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     rows = [json.loads(line) for line in out_json.read_text().splitlines()]
@@ -167,3 +170,15 @@ def test_fake_tensor_flop_count_matches_a_real_step():
     real = common.count_flops(fwd_bwd)
     assert real > 0 and abs(real / 3 - fake) / fake < 1e-6, (real / 3, fake)
     assert params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.gpu
+def test_train_step_tiny_on_cuda_compiles_and_reports_memory(tmp_path):
+    """On a GPU: bf16 autocast and torch.compile are really applied, and MFU and peak memory are filled in."""
+    stdout, rows = run_script("train_step", ["--sizes", "tiny", "--texts", "clip-tiny", "--steps", "3"], tmp_path,
+                              timeout=600, device="cuda")
+    by = {r["variant"]: r for r in rows}
+    assert "bf16-autocast" in by["baseline"]["levers"] and "fused-adamw" in by["baseline"]["levers"]
+    assert "compile" in by["plain-levers"]["levers"] and "skipped" not in by["plain-levers"]["levers"]
+    for r in rows:
+        assert r["peak GiB"] > 0 and r["MFU %"] > 0
