@@ -54,13 +54,17 @@ class DemoConfig:
     eval_images_per_prompt: int = 2
     eval_steps: int = 20
     workers: int = 2
+    assets: str | None = None
+    """An existing assets folder (`t2i-recap shapes assets`) to use instead of building one under --out."""
+    assets_overrides: list[str] = dataclasses.field(default_factory=list)
+    """`--set`-style overrides of AssetsConfig when the demo builds the assets (e.g. clip.steps=50)."""
 
     def __post_init__(self) -> None:
         if not self.p_values or any(not 0.0 <= p <= 1.0 for p in self.p_values):
             raise ValueError(f"p_values must be a non-empty list of numbers in [0, 1], got {self.p_values}")
 
 
-QUICK = dict(num_web=240, num_test=24, curated_fraction=0.25, train_steps=30, train_batch_size=16,
+QUICK = dict(assets_overrides=["clip.steps=40", "vae.steps=40"], num_web=240, num_test=24, curated_fraction=0.25, train_steps=30, train_batch_size=16,
              caption_batch_size=32, caption_max_new_tokens=48, eval_per_category=2, eval_images_per_prompt=1,
              eval_steps=4, finetune_overrides=["train.max_steps=20"])
 
@@ -82,7 +86,7 @@ class Demo:
     def __init__(self, cfg: DemoConfig, out: Path):
         self.cfg, self.out = cfg, out
         self.web, self.test = out / "data" / "web", out / "data" / "test"
-        self.assets = out / "assets"
+        self.assets = Path(cfg.assets) if cfg.assets else out / "assets"
         self.captioner = out / "captioner"
         self.recaptions = out / "recaptions"
 
@@ -98,10 +102,13 @@ class Demo:
         return {"web": web, "test": test}
 
     def build_assets(self) -> dict:
-        from t2i_recap.shapes.assets import build_assets
+        from t2i_recap.config import load_config
+        from t2i_recap.shapes.assets import AssetsConfig, build_assets
 
-        path = build_assets(self.assets)
-        return json.loads((Path(path) / "assets.json").read_text()).get("quality", {})
+        cfg = load_config(AssetsConfig, None, self.cfg.assets_overrides)
+        path = build_assets(self.assets, cfg)
+        manifest = json.loads((Path(path) / "assets.json").read_text())
+        return {part: info.get("quality") for part, info in manifest.get("parts", {}).items()}
 
     def finetune(self) -> dict:
         from t2i_recap.captioner import finetune
@@ -198,7 +205,7 @@ class Demo:
         scale = c["num_web"] / 20_000
         stages = [
             Stage("world", self.world, world, 60 * scale + 5),
-            Stage("assets", self.build_assets, {}, 240, ("world",)),
+            Stage("assets", self.build_assets, {"assets": c["assets"], "o": c["assets_overrides"]}, 240),
             Stage("captioner", self.finetune, {"config": c["finetune_config"], "o": c["finetune_overrides"]}, 200,
                   ("world", "assets")),
             Stage("fidelity", self.fidelity, caption, 20, ("captioner",)),
