@@ -105,9 +105,14 @@ class Demo:
         from t2i_recap.config import load_config
         from t2i_recap.shapes.assets import AssetsConfig, build_assets
 
-        cfg = load_config(AssetsConfig, None, self.cfg.assets_overrides)
-        path = build_assets(self.assets, cfg)
-        manifest = json.loads((Path(path) / "assets.json").read_text())
+        if self.cfg.assets:  # given by the user: used as it is, never rebuilt in their folder
+            missing = [p for p in ("clip", "vae", "tokenizer", "assets.json") if not (self.assets / p).exists()]
+            if missing:
+                raise SystemExit(f"demo: assets folder {self.assets} lacks {', '.join(missing)}; "
+                                 "build it with `t2i-recap shapes assets --out DIR`")
+        else:
+            build_assets(self.assets, load_config(AssetsConfig, None, self.cfg.assets_overrides))
+        manifest = json.loads((self.assets / "assets.json").read_text())
         return {part: info.get("quality") for part, info in manifest.get("parts", {}).items()}
 
     def finetune(self) -> dict:
