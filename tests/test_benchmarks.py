@@ -92,7 +92,7 @@ def test_caption_throughput_tiny(tmp_path):
     for col in ("path", "batch", "img/s", "new tokens/img", "TFLOP/s", "MFU %", "peak GiB"):
         assert col in header
     assert [(r["path"], r["batch"]) for r in rows] == [("plain generate", 1), ("plain generate", 3),
-                                                        ("TransformersBackend", 1), ("TransformersBackend", 3)]
+                                                        ("project run loop", 1), ("project run loop", 3)]
     positive(rows, "img/s")
     assert all(r["new tokens/img"] == 8 for r in rows)  # min_new_tokens forced every caption to full length
 
@@ -182,3 +182,25 @@ def test_train_step_tiny_on_cuda_compiles_and_reports_memory(tmp_path):
     assert "compile" in by["plain-levers"]["levers"] and "skipped" not in by["plain-levers"]["levers"]
     for r in rows:
         assert r["peak GiB"] > 0 and r["MFU %"] > 0
+
+
+def test_tiny_captioner_stops_at_once_unless_forced():
+    """The tiny shape suppresses every token but the end token, so the caption benchmark's
+    'new tokens/img' column proves that each path really forced full-length captions."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import caption_throughput as ct
+    finally:
+        sys.path.remove(str(BENCH))
+    shape = ct.SHAPES["tiny"]
+    processor = ct.build_processor(shape)
+    model = ct.build_model(shape, processor, torch.device("cpu"), torch.float32)
+    plain = ct.PlainGenerate(model, processor, torch.device("cpu"), torch.float32, new_tokens=5)
+    inputs = plain.inputs(ct.web_images(2))
+    with torch.inference_mode():
+        free = model.generate(**inputs, max_new_tokens=5, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    eos = processor.tokenizer.eos_token_id
+    assert [ct.tokens_before_eos(r, eos) for r in free.tolist()] == [0, 0]
+    assert plain.caption(ct.web_images(2)) == [5, 5]
