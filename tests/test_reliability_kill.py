@@ -1,7 +1,7 @@
 """Kill tests (issue 8.1): SIGKILL at random points, then rerun; nothing lost, nothing doubled.
 
 Captioning: 10 trials, each SIGKILLs a captioning run at a random moment (from before the first
-batch to after the last sidecar), checks that every `*.parquet` visible under a final name is a
+batch to the end of the run), checks that every `*.parquet` visible under a final name is a
 complete sidecar, reruns, and checks that every input key is in exactly one output row and no
 temp file is left. One more trial kills the real CLI (`python -m t2i_recap.captioner`).
 
@@ -141,8 +141,8 @@ def test_caption_sigkill_at_random_points_then_rerun(tmp_path, captioner_shards,
     seen_at_kill = []
     for trial in range(TRIALS):
         out = tmp_path / f"trial{trial}"
-        # from before the first batch to just past the end: early, mid-shard and mid-write kills
-        outcome = run_forked(run(out), kill_after=rng.uniform(0.0, 1.1 * full))
+        # anywhere from before the first batch to the end: early, mid-shard and mid-write kills
+        outcome = run_forked(run(out), kill_after=rng.uniform(0.0, full))
         seen_at_kill.append((outcome, check_visible_sidecars(out, captioner_shards)))
         summary = caption_run(_caption_cfg(captioner_shards, out, tiny_llava_dir), Dist(), caption_backend)
         assert summary["shards_skipped_done"] == seen_at_kill[-1][1] and not summary["shards_failed"]

@@ -75,6 +75,7 @@ def world(tmp_path_factory, tiny_llava_dir, train_assets):
     from t2i_recap.captioner.backend import TransformersBackend
     from t2i_recap.captioner.run import CaptionRunConfig, Dist, caption_run
     from t2i_recap.config import from_dict
+    from t2i_recap.evaluate.compare import main as compare_main
     from t2i_recap.evaluate.run import EvalConfig, run_eval
     from t2i_recap.export import export
     from t2i_recap.train_config import TrainConfig
@@ -110,6 +111,8 @@ def world(tmp_path_factory, tiny_llava_dir, train_assets):
         assert caption_stats.main(["--sidecars", str(outs / "sidecars"), "--out", str(outs / "stats")]) == 0
         run_eval(EvalConfig(model=str(outs / "export"), suite=str(prompts), out=str(outs / "eval"),
                             images_per_prompt=1, steps=2, recaption="none", reference="none", batch_size=8))
+        assert compare_main([str(outs / "eval"), str(outs / "eval"), "--out", str(outs / "compare"),
+                             "--labels", f"{HOSTILE[0]},{HOSTILE[1]}"]) == 0  # hostile row names
     torch.set_num_threads(threads)
     after = {p for p in _files(base) if root not in p.parents and p.stat().st_mtime >= started}
     return {"root": root, "inputs": inputs, "outs": outs, "caption": cap, "train": summary, "resumed": resumed,
@@ -189,10 +192,11 @@ def _assert_escaped(name: str, html_text: str, shown: bool = True) -> None:
 
 def test_hostile_text_is_escaped_in_every_report(world):
     outs = world["outs"]
-    html = (outs / "eval/report.html").read_text(encoding="utf-8")
-    _assert_escaped("report.html", html)
+    for page in ("eval/report.html", "compare/compare.html"):
+        _assert_escaped(page, (outs / page).read_text(encoding="utf-8"))
     # stats.md shows numbers, not captions (the hostile ones sit in the sidecars it reads)
     for name, path, shown in [("report.md", outs / "eval/report.md", False), ("stats.md", outs / "stats/stats.md", False),
+                              ("compare.md", outs / "compare/compare.md", True),
                               ("model card", outs / "export/README.md", True)]:
         text = path.read_text(encoding="utf-8")
         _assert_escaped(f"{name} (rendered)", _rendered_markdown(text), shown)
