@@ -12,7 +12,8 @@ Rows ("variants"; one base plus +levers, e.g. baseline+nomask+compile):
   plain-levers  baseline+nomask+compile (REFERENCE.md's "plain levers": 37% / 32% MFU on an H100)
   project       t2i_recap.models registry + the switches the trainer exposes, stepped the way
                 t2i_recap.trainer steps (objective.loss with its CPU generator, grad clipping)
-Levers: nomask (pass no text mask when nothing is padded: lets SDPA take its flash kernel),
+Levers: nomask (pass no text mask when nothing is padded: lets SDPA take its flash kernel; with
+--caption-tokens the captions ARE padded and nomask attends to the padding: a speed row only),
 mask (force the all-ones mask), compile, max-autotune (compile mode), cudagraphs (compile mode
 reduce-overhead), ckpt (gradient checkpointing), foreach (AdamW without the fused kernel).
 
@@ -75,6 +76,7 @@ class Case:
     text: str
     latent: int
     batch: int
+    caption_tokens: int | None = None  # real tokens per caption (the rest padding); None = no padding
 
     @property
     def text_shape(self) -> tuple[int, int]:
@@ -133,19 +135,28 @@ def project_optimizer(params, fused: bool | None):
 
 
 def inputs(case: Case, device: torch.device) -> dict:
-    """Random tensors shaped like one cached batch (latent sample already drawn, text features, all-ones mask)."""
+    """Random tensors shaped like one cached batch (latent sample already drawn, text features, mask).
+
+    The mask is all ones unless `caption_tokens` is set: then each caption has between 3/4 of it
+    and all of it real tokens, right-padded as CLIP and T5 tokenizers pad."""
     g = torch.Generator(device="cpu").manual_seed(0)
     n, (tokens, width) = case.batch, case.text_shape
     x0 = torch.randn(n, LATENT_CHANNELS, case.latent, case.latent, generator=g)
     emb = torch.randn(n, tokens, width, generator=g)
-    return {"x0": x0.to(device), "emb": emb.to(device), "mask": torch.ones(n, tokens, device=device)}
+    mask = torch.ones(n, tokens)
+    if case.caption_tokens:
+        k = min(case.caption_tokens, tokens)
+        lengths = torch.randint(max(1, k - k // 4), k + 1, (n,), generator=g)
+        mask = (torch.arange(tokens).view(1, -1) < lengths.view(-1, 1)).float()
+    return {"x0": x0.to(device), "emb": emb.to(device), "mask": mask.to(device)}
 
 
 def make_step(model, opt, batch: dict, device: torch.device, *, autocast: bool, use_mask: bool,
-              objective=None, clip: float = 0.0) -> Callable[[], torch.Tensor]:
+              objective=None, clip: float = 0.0, trim: Callable | None = None) -> Callable[[], torch.Tensor]:
     """One optimizer step. Without `objective` the rectified-flow loss is inlined with noise drawn on
-    the device (the baseline); with it, the project's objective.loss runs as the trainer calls it."""
-    x0, emb, mask = batch["x0"], batch["emb"], batch["mask"] if use_mask else None
+    the device (the baseline); with it, the project's objective.loss runs as the trainer calls it.
+    `trim(emb, mask)` runs every step, as the trainer runs its text-padding trim."""
+    x0, emb_all, mask_all = batch["x0"], batch["emb"], batch["mask"]
     gen = torch.Generator(device="cpu").manual_seed(1)
     dtype = torch.bfloat16 if autocast else torch.float32
 
@@ -153,6 +164,8 @@ def make_step(model, opt, batch: dict, device: torch.device, *, autocast: bool, 
         return model(x, timestep=t, added_cond_kwargs=None, return_dict=False, **cond)[0]
 
     def step() -> torch.Tensor:
+        emb, mask = trim(emb_all, mask_all) if trim is not None else (emb_all, mask_all)
+        mask = mask if use_mask else None
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
             if objective is not None:
                 loss = objective.loss(model_fn, x0, gen, encoder_hidden_states=emb, encoder_attention_mask=mask)
@@ -197,16 +210,19 @@ def build_row(case: Case, variant: Variant, device: torch.device, args) -> tuple
         model = model.to(device).train()
         opt, ocfg = project_optimizer(model.parameters(), None if "foreach" not in levers else False)
         fused = bool(opt.defaults.get("fused"))
+        from t2i_recap import mixing
         from t2i_recap.objectives import ObjectiveConfig, build_objective
 
         objective, clip = build_objective(ObjectiveConfig()), ocfg.max_grad_norm
+        trim = getattr(mixing, "trim_padding", None)  # the trainer drops all-padding text columns, if it can
     else:
         model = plain_model(case).to(device).train()
         autocast, use_mask = variant.base == "baseline" and amp_ok, "nomask" not in levers
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused or None)
-        objective, clip = None, 0.0
+        objective, clip, trim = None, 0.0, None
     batch = inputs(case, device)
-    step = make_step(model, opt, batch, device, autocast=autocast, use_mask=use_mask, objective=objective, clip=clip)
+    step = make_step(model, opt, batch, device, autocast=autocast, use_mask=use_mask, objective=objective, clip=clip,
+                     trim=trim)
     flops = count_flops(step)  # eager and un-checkpointed: model FLOPs, the numerator of MFU
     if variant.base == "project":
         from t2i_recap.models import configure_model
@@ -222,11 +238,13 @@ def build_row(case: Case, variant: Variant, device: torch.device, args) -> tuple
                "fused-adamw" if fused else "foreach-adamw"}
     if "ckpt" in levers:
         applied.add("ckpt")
+    if trim is not None:
+        applied.add("trim-padding")
     if want_compile and compile_ok:
         mode = compile_mode(levers)
         compiled = torch.compile(model, mode=mode)
         step = make_step(compiled, opt, batch, device, autocast=autocast, use_mask=use_mask, objective=objective,
-                         clip=clip)
+                         clip=clip, trim=trim)
         applied.add(f"compile({mode})" if mode else "compile")
     elif want_compile:
         applied.add("compile skipped (CPU; --compile on forces it)")
@@ -253,7 +271,10 @@ def trainer_passes_mask() -> bool:
 
 
 def run_row(case: Case, variant: Variant, device: torch.device, args) -> dict:
-    row = {"model": case.model, "text": f"{case.text} {case.text_shape[0]}x{case.text_shape[1]}",
+    text = f"{case.text} {case.text_shape[0]}x{case.text_shape[1]}"
+    if case.caption_tokens:
+        text += f", <={min(case.caption_tokens, case.text_shape[0])} real"
+    row = {"model": case.model, "text": text,
            "variant": variant.name, "batch": case.batch}
     free_memory(device)
     reset_peak_memory(device)
@@ -331,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--texts", nargs="+", default=None, choices=sorted(TEXTS), help="text feature shapes")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="rows: BASE[+LEVER...] (see above)")
     p.add_argument("--batch", type=int, default=None, help="batch for every model (default: per model, tiny 8)")
+    p.add_argument("--caption-tokens", type=int, default=None,
+                   help="real tokens per caption (3/4 to all of it, rest padding); default: no padding (all-ones "
+                        "mask, as REFERENCE.md measured); recaptions average ~49 words (REFERENCE.md)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per row (median reported)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on GPU, 1 on CPU)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
@@ -366,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models or size["models"]:
         batch = args.batch or (8 if args.sizes == "tiny" else DEFAULT_BATCH.get(model, 64))
         for text in args.texts or size["texts"]:
-            case = Case(model, text, size["latent"], batch)
+            case = Case(model, text, size["latent"], batch, args.caption_tokens)
             base = None
             for variant in variants:
                 row = run_row(case, variant, device, args)

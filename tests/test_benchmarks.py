@@ -78,6 +78,11 @@ def test_variant_parsing_and_table_helpers():
     assert (v.base, v.levers) == ("baseline", {"nomask", "compile"})
     with pytest.raises(SystemExit, match="turbo"):
         train_step.Variant.parse("baseline+turbo")
+    case = train_step.Case("DiT-tiny/2", "t5-tiny", 8, 16, caption_tokens=40)
+    padded = train_step.inputs(case, common.pick_device("cpu"))
+    lengths = padded["mask"].sum(dim=1)
+    assert padded["mask"].shape == (16, 120) and lengths.min() >= 30 and lengths.max() <= 40
+    assert (padded["mask"][:, :-1] >= padded["mask"][:, 1:]).all()  # right padding: ones, then zeros
     text = common.markdown_table([{"a": 1234.5, "b": None}], ["a", "b"])
     assert text.splitlines()[2] == "| 1,234.5 | - |"
     calls = []
