@@ -49,6 +49,8 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], *, num_inference
     """One image per (prompt, seed) pair, in order."""
     if len(prompts) != len(seeds):
         raise ValueError(f"generate_images: {len(prompts)} prompts but {len(seeds)} seeds")
+    if num_inference_steps < 2:  # diffusers' PixArt pipeline takes 1 step as a distilled (DMD) sampler: IndexError
+        raise ValueError(f"num_inference_steps must be >= 2 for these samplers, got {num_inference_steps}")
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch_size):
         chunk_p, chunk_s = prompts[start:start + batch_size], seeds[start:start + batch_size]

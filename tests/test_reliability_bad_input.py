@@ -299,6 +299,16 @@ def check_missing_model(tmp_path, name, train_assets):
         FeatureEncoder(FeaturesConfig(vae=missing), TextEncoderConfig(name_or_path=str(train_assets / "clip")))
 
 
+def check_one_sampler_step(tmp_path, name, eval_pipeline_dir):
+    from t2i_recap.evaluate.run import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    code = main(["--model", str(eval_pipeline_dir), "--suite", str(prompts), "--out", str(tmp_path / "eval"),
+                 "--steps", "1", "--images-per-prompt", "1", "--recaption", "none", "--reference", "none"])
+    assert code == 2  # "num_inference_steps must be >= 2", not diffusers' IndexError
+
+
 CATALOGUE = [
     Case("truncated_jpeg", "SKIPPED: corrupt or truncated image data (captioner); skipped, image does not decode (trainer)",
          check_image("truncated", "skipped", "truncated", "does not decode"), "test_captioner_inputs.py, test_captioner_run.py"),
@@ -347,6 +357,8 @@ CATALOGUE = [
          check_config("trainer:\n  max_stepz: 3\n", "trainer.max_stepz: unknown key"), "test_config.py"),
     Case("config_wrong_type", "ERROR: ConfigError naming file and key (expected an integer)",
          check_config("batch_size: many\n", "batch_size: expected an integer"), "test_config.py"),
+    Case("sampler_steps_1", "ERROR: num_inference_steps must be >= 2 (eval exits 2; was an IndexError inside "
+         "diffusers' PixArt pipeline, which reads 1 step as a distilled sampler)", check_one_sampler_step),
     Case("missing_model_path", "ERROR naming the path: captioner exits 2; text encoder / VAE FileNotFoundError naming "
          "the config key", check_missing_model),
 ]
