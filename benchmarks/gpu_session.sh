@@ -10,6 +10,7 @@
 #   train-b4   train_step.py: DiT-B/4,  CLIP-L and T5-XXL text, 3 rows each     (~4 min)
 #   train-b2   train_step.py: DiT-B/2,  CLIP-L text                              (~3 min)
 #   train-xl2  train_step.py: DiT-XL/2, CLIP-L and T5-XXL text                   (~6 min)
+#   train-pad  train_step.py: DiT-B/4, T5-XXL with ~64-token padded captions    (~2 min)
 #   e2e        trainer_e2e.py: DiT-B/4 trainer, batch in memory / 0 / 8 workers  (~4 min)
 #   caption    caption_throughput.py: 8B LLaVA shape, batches 32 64 128          (~5 min)
 #   data       data_cpu.py: shard decode and cache read on this machine's CPUs (~2 min)
@@ -19,7 +20,7 @@
 #   run(command="bash benchmarks/gpu_session.sh env smoke train-b4", carry=[".whl"])
 #   run(command="bash benchmarks/gpu_session.sh train-xl2", carry=[".whl"])
 #   run(command="bash benchmarks/gpu_session.sh caption e2e", carry=[".whl"])
-#   run(command="bash benchmarks/gpu_session.sh train-b2 data", carry=[".whl"])   # if device time is left
+#   run(command="bash benchmarks/gpu_session.sh train-b2 train-pad data", carry=[".whl"])   # if time is left
 # Output (at most 4 files, within the tool's 8-file limit): $OUT/tables.md (every table with its
 # command and environment), $OUT/results.jsonl (one JSON line per row), $OUT/session.log (all output),
 # $OUT/env.txt. Without OUT set, ./bench-out is used. BENCH_BUDGET_S (default 570) is the whole
@@ -135,6 +136,8 @@ part() {
     train-b4) run train-b4 480 "$PY" "$t" --sizes paper --models DiT-B/4 --keep-going $(common_args) ;;
     train-b2) run train-b2 420 "$PY" "$t" --sizes paper --models DiT-B/2 --texts clip-l --keep-going $(common_args) ;;
     train-xl2) run train-xl2 540 "$PY" "$t" --sizes paper --models DiT-XL/2 --keep-going $(common_args) ;;
+    train-pad) run train-pad 240 "$PY" "$t" --sizes paper --models DiT-B/4 --texts t5-xxl --caption-tokens 64 \
+      --variants baseline project --keep-going $(common_args) ;;
     e2e) run e2e 420 "$PY" benchmarks/trainer_e2e.py --size paper --loaders mem 0 8 --keep-going $(common_args) ;;
     caption) run caption 540 "$PY" benchmarks/caption_throughput.py --shape 8b --batch-sizes 32 64 128 \
       --weights-dir /tmp/bench-llava --keep-going $(common_args) ;;
@@ -149,16 +152,17 @@ main() {
     case "$a" in
       --fetch-wheels) fetch_wheels; exit $? ;;
       --dry-run) DRY=1 ;;
-      -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
-      all) parts+=(env smoke train-b4 train-b2 train-xl2 e2e caption data) ;;
+      -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+      all) parts+=(env smoke train-b4 train-b2 train-xl2 train-pad e2e caption data) ;;
       *) parts+=("$a") ;;
     esac
   done
-  [ ${#parts[@]} -gt 0 ] || parts=(env smoke train-b4 train-b2 train-xl2 e2e caption data)
+  [ ${#parts[@]} -gt 0 ] || parts=(env smoke train-b4 train-b2 train-xl2 train-pad e2e caption data)
   for p in "${parts[@]}"; do
     case "$p" in
-      env|smoke|train-b4|train-b2|train-xl2|e2e|caption|data) ;;
-      *) echo "unknown part '$p' (env smoke train-b4 train-b2 train-xl2 e2e caption data all)" >&2; exit 2 ;;
+      env|smoke|train-b4|train-b2|train-xl2|train-pad|e2e|caption|data) ;;
+      *) echo "unknown part '$p' (env smoke train-b4 train-b2 train-xl2 train-pad e2e caption data all)" >&2
+         exit 2 ;;
     esac
   done
   # BENCH_ALLOW_NO_GPU=1 lets `env` (and the install) be tried on a machine without a GPU.
