@@ -49,23 +49,29 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], *, num_inference
     """One image per (prompt, seed) pair, in order."""
     if len(prompts) != len(seeds):
         raise ValueError(f"generate_images: {len(prompts)} prompts but {len(seeds)} seeds")
-    if num_inference_steps < 2:  # diffusers' PixArt pipeline takes 1 step as a distilled (DMD) sampler: IndexError
-        raise ValueError(f"num_inference_steps must be >= 2 for these samplers, got {num_inference_steps}")
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch_size):
         chunk_p, chunk_s = prompts[start:start + batch_size], seeds[start:start + batch_size]
-        out = pipe(
-            prompt=chunk_p,
-            generator=[torch.Generator("cpu").manual_seed(int(s)) for s in chunk_s],
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            height=resolution,
-            width=resolution,
-            max_sequence_length=max_sequence_length,
-            use_resolution_binning=False,  # binning resizes to PixArt's aspect-ratio buckets; we train square
-            clean_caption=False,           # keep prompts verbatim (and need neither bs4 nor ftfy)
-            output_type="pil",
-        )
+        try:
+            out = pipe(
+                prompt=chunk_p,
+                generator=[torch.Generator("cpu").manual_seed(int(s)) for s in chunk_s],
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                height=resolution,
+                width=resolution,
+                max_sequence_length=max_sequence_length,
+                use_resolution_binning=False,  # binning resizes to PixArt's aspect-ratio buckets; we train square
+                clean_caption=False,           # keep prompts verbatim (and need neither bs4 nor ftfy)
+                output_type="pil",
+            )
+        except IndexError as exc:
+            if num_inference_steps != 1:
+                raise
+            # diffusers' PixArt pipeline reads 1 step as a distilled (DMD) sampler and indexes a second
+            # scheduler output that most schedulers (DDPM, DPM-Solver, flow matching) do not return.
+            raise ValueError(f"num_inference_steps=1 is not supported by {type(pipe.scheduler).__name__}; "
+                             "use 2 or more") from exc
         images.extend(out.images)
     return images
 

@@ -300,13 +300,18 @@ def check_missing_model(tmp_path, name, train_assets):
 
 
 def check_one_sampler_step(tmp_path, name, eval_pipeline_dir):
-    from t2i_recap.evaluate.run import main
+    """DDIM returns its x0 prediction and handles 1 step; DPM-Solver does not, and says so."""
+    from diffusers import DPMSolverMultistepScheduler
 
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle\n")
-    code = main(["--model", str(eval_pipeline_dir), "--suite", str(prompts), "--out", str(tmp_path / "eval"),
-                 "--steps", "1", "--images-per-prompt", "1", "--recaption", "none", "--reference", "none"])
-    assert code == 2  # "num_inference_steps must be >= 2", not diffusers' IndexError
+    from t2i_recap.generation import generate_images, load_pipeline
+
+    pipe, settings = load_pipeline(eval_pipeline_dir)
+    kw = dict(num_inference_steps=1, guidance_scale=1.0, resolution=settings["resolution"],
+              max_sequence_length=settings["max_sequence_length"])
+    assert len(generate_images(pipe, ["a red circle"], [0], **kw)) == 1
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match="num_inference_steps=1 is not supported by DPMSolverMultistepScheduler"):
+        generate_images(pipe, ["a red circle"], [0], **kw)
 
 
 CATALOGUE = [
@@ -357,8 +362,8 @@ CATALOGUE = [
          check_config("trainer:\n  max_stepz: 3\n", "trainer.max_stepz: unknown key"), "test_config.py"),
     Case("config_wrong_type", "ERROR: ConfigError naming file and key (expected an integer)",
          check_config("batch_size: many\n", "batch_size: expected an integer"), "test_config.py"),
-    Case("sampler_steps_1", "ERROR: num_inference_steps must be >= 2 (eval exits 2; was an IndexError inside "
-         "diffusers' PixArt pipeline, which reads 1 step as a distilled sampler)", check_one_sampler_step),
+    Case("sampler_steps_1", "ERROR naming the scheduler when it cannot take 1 step (was an IndexError inside "
+         "diffusers' PixArt pipeline); DDIM's 1 step still works", check_one_sampler_step),
     Case("missing_model_path", "ERROR naming the path: captioner exits 2; text encoder / VAE FileNotFoundError naming "
          "the config key", check_missing_model),
 ]
