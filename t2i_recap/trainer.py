@@ -29,7 +29,7 @@ from t2i_recap.ema import EMA
 from t2i_recap.generation import generate_images, image_grid
 from t2i_recap.io import atomic_write_text
 from t2i_recap.logging_utils import get_logger
-from t2i_recap.mixing import ORIGINAL, RECAPTION, MixCounts, choose, select
+from t2i_recap.mixing import ORIGINAL, RECAPTION, MixCounts, choose, select, trim_padding
 from t2i_recap.models import build_model, configure_model
 from t2i_recap.objectives import build_objective
 
@@ -200,6 +200,7 @@ class Trainer:
         emb, mask = select(choice, (f["original_emb"].to(dev), f["original_mask"].to(dev)),
                            (f["recaption_emb"].to(dev), f["recaption_mask"].to(dev)),
                            (self.empty["emb"].to(dev), self.empty["mask"].to(dev)))
+        emb, mask = trim_padding(emb, mask)  # right-padded (CLIP and T5 tokenizers pad on the right)
         trunc = {"original": int(f["original_truncated"][choice == ORIGINAL].sum()),
                  "recaption": int(f["recaption_truncated"][choice == RECAPTION].sum())}
 

@@ -79,3 +79,18 @@ def test_pipeline_sampler_matches_objective(name, tol, train_assets):
     rel = float((got - ref).norm() / ref.norm())
     print(name, rel)
     assert rel < tol, rel
+
+
+def test_trimming_text_padding_leaves_the_output_unchanged():
+    from t2i_recap.mixing import trim_padding
+
+    model = _tiny()
+    emb = torch.randn(2, 77, 16)
+    mask = torch.zeros(2, 77)
+    mask[0, :5], mask[1, :9] = 1, 1
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0])
+    with torch.no_grad():
+        full = model(x, timestep=t, encoder_hidden_states=emb, encoder_attention_mask=mask, added_cond_kwargs=None).sample
+        e, m = trim_padding(emb, mask)
+        short = model(x, timestep=t, encoder_hidden_states=e, encoder_attention_mask=m, added_cond_kwargs=None).sample
+    assert e.shape[1] == 9 and torch.allclose(full, short, atol=1e-5)
