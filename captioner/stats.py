@@ -271,7 +271,9 @@ def compute_stats(sidecars_dir: str, clip: str | None = None, tokenizer: str | N
     from transformers import AutoTokenizer
 
     side = read_sidecars(sidecars_dir)
-    tok_path = tokenizer or clip
+    models = {str(i.get("model")) for i in side.infos}
+    captioner = next(iter(models)) if len(models) == 1 and Path(next(iter(models))).is_dir() else None
+    tok_path = tokenizer or clip or captioner  # CLIP's tokenizer first: its 77-token limit is the trap
     tok = AutoTokenizer.from_pretrained(tok_path) if tok_path else None
     caps = {int(i.get("generation", {}).get("max_new_tokens") or 0) for i in side.infos} - {0}
     stats = {"sidecars": str(sidecars_dir), "files": len(side.files),
@@ -310,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sidecars", required=True, help="folder of recaption sidecars (*.parquet)")
     parser.add_argument("--out", required=True, help="folder for stats.json, stats.md, lengths.png")
     parser.add_argument("--clip", help="local CLIP folder: CLIP score of original vs recaption")
-    parser.add_argument("--tokenizer", help="tokenizer for token lengths (default: the CLIP's)")
+    parser.add_argument("--tokenizer", help="tokenizer for token lengths (default: the CLIP's, else the captioner's)")
     parser.add_argument("--images", help="the captioned input (default: the shard sources in the sidecars)")
     args = parser.parse_args(argv)
     setup_logging()
