@@ -67,12 +67,14 @@ def test_parts_load_with_from_pretrained(shapes_assets):
         torch.testing.assert_close(vision_model(pixel_values=pixels).pooler_output,
                                    model.vision_model(pixel_values=pixels).pooler_output)
 
-    # VAE: 4x downsampling to 8x8x4 and a scaling factor that gives ~unit-variance latents.
+    # VAE: 4 latent channels, the side shrunk by the recorded factor, a positive scaling factor.
+    factor = read_manifest(shapes_assets)["parts"]["vae"]["quality"]["downsample_factor"]
+    assert factor == 2 ** (len(vae.config.block_out_channels) - 1) in (2, 4)
     assert vae.config.latent_channels == 4 and vae.config.scaling_factor > 0
     x = torch.from_numpy(np.asarray(render(sample_scene(random.Random(1))))).permute(2, 0, 1)[None].float()
     with torch.no_grad():
         z = vae.encode(x / 127.5 - 1).latent_dist.mode()
-    assert z.shape == (1, 4, 8, 8)
+    assert z.shape == (1, 4, 32 // factor, 32 // factor)
 
 
 def test_processor_matches_training_normalisation(shapes_assets):

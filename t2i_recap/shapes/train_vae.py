@@ -28,26 +28,30 @@ log = get_logger(__name__)
 class VaeTrainConfig:
     """Size and training schedule of the tiny VAE."""
 
-    block_out_channels: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 64])
-    """Channels per resolution level; each level after the first halves the side (3 levels = 4x)."""
+    block_out_channels: list[int] = dataclasses.field(default_factory=lambda: [16, 32])
+    """Channels per resolution level; each level after the first halves the side: 2 levels give
+    16x16x4 latents at 32 px, 3 levels 8x8x4 (which needs far more CPU training to pass the gate)."""
     layers_per_block: int = 1
     """ResNet blocks per encoder level (the decoder uses one more, as in diffusers)."""
-    norm_num_groups: int = 16
+    norm_num_groups: int = 8
     """GroupNorm groups; must divide every entry of block_out_channels."""
     latent_channels: int = 4
     """Latent channels (4, as Stable Diffusion's VAE)."""
     mid_block_attention: bool = False
     """Self-attention in the mid block; unnecessary for 8x8 latents of flat shapes, and slow on CPU."""
-    steps: int = 400
-    """Optimizer steps."""
+    steps: int = 1000
+    """Optimizer steps (measured with the defaults: oracle agreement 0.75 at 200, 0.89 at 300)."""
     batch_size: int = 32
     """Images per step."""
-    lr: float = 2e-3
+    lr: float = 1e-3
     """Peak AdamW learning rate (linear warm-up, cosine decay)."""
     warmup_steps: int = 20
     """Linear warm-up steps."""
     kl_weight: float = 1e-5
-    """Weight of the KL term against the per-pixel L1 reconstruction loss (both summed per image)."""
+    """Weight of the KL term against the squared-error reconstruction loss (both summed per image)."""
+    init_logvar: float = -6.0
+    """Initial posterior log-variance (bias of the quant conv). A fresh VAE samples latents with
+    unit noise that swamps the encoder's signal; starting small lets the decoder learn at once."""
     eval_scenes: int = 200
     """Held-out scenes for the oracle agreement gate and the latent std."""
 
@@ -71,17 +75,21 @@ class VaeTrainConfig:
 
 
 def build_vae(cfg: VaeTrainConfig, resolution: int) -> AutoencoderKL:
+    """A randomly initialised AutoencoderKL (call torch.manual_seed first for a fixed init)."""
     if resolution % cfg.downsample_factor:
         raise ValueError(f"resolution {resolution} is not divisible by the VAE's downsample factor "
                          f"{cfg.downsample_factor}")
     levels = len(cfg.block_out_channels)
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         in_channels=3, out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
         block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
         latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups, sample_size=resolution,
         mid_block_add_attention=cfg.mid_block_attention,
     )
+    with torch.no_grad():  # quant_conv outputs (mean, logvar) stacked on the channel axis
+        vae.quant_conv.bias[cfg.latent_channels:] = cfg.init_logvar
+    return vae
 
 
 def to_model_range(images: np.ndarray) -> torch.Tensor:
@@ -103,7 +111,11 @@ def _lr_factor(step: int, cfg: VaeTrainConfig) -> float:
 
 
 def train_vae(vae: AutoencoderKL, cfg: VaeTrainConfig, resolution: int, seed: int, held_out=()) -> list[float]:
-    """L1 reconstruction + a small KL on freshly rendered scenes; returns the loss per step."""
+    """Squared-error reconstruction + a small KL on freshly rendered scenes; returns the loss per step.
+
+    Squared error, not L1: the images are mostly flat background, and L1's median solution paints
+    background over small shapes (measured here: oracle agreement 0.00 after 400 L1 steps).
+    """
     torch.manual_seed(seed)
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -115,7 +127,7 @@ def train_vae(vae: AutoencoderKL, cfg: VaeTrainConfig, resolution: int, seed: in
         x = to_model_range(render_uint8(sample_scenes(rng, cfg.batch_size, exclude=held_out), resolution))
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
-        rec = (recon - x).abs().flatten(1).sum(1)  # (N,) summed per image, as in SD's VAE loss
+        rec = (recon - x).pow(2).flatten(1).sum(1)  # (N,) summed per image, as in SD's VAE loss
         loss = (rec + cfg.kl_weight * posterior.kl()).mean() / x[0].numel()
         opt.zero_grad(set_to_none=True)
         loss.backward()
