@@ -234,6 +234,10 @@ def _captioner_tokenizer(tokenizer, cfg: BuildConfig):
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_token_id)])
     tokenizer.model_max_length = cfg.max_position_embeddings
+    # A CLIP tokenizer may carry call defaults (max_length 77, truncation) for its text tower;
+    # the processor applies them to every prompt, silently cutting the image + prompt sequence.
+    for key in ("max_length", "truncation_strategy", "truncation"):
+        tokenizer.init_kwargs.pop(key, None)
     tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"  # batched generation needs it
     return tokenizer
 
@@ -304,8 +308,27 @@ def encode_prompts(processor, images: list[Image.Image], prompts: list[str]) -> 
     backend makes them (`apply_chat_template`, tokenized), so training sees inference's tokens."""
     conversations = [[{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": text}]}]
                      for img, text in zip(images, prompts)]
-    return processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
-                                         return_dict=True, processor_kwargs={"padding": False})
+    enc = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                        processor_kwargs={"padding": False, "truncation": False})
+    expected = _expected_lengths(processor, conversations)
+    for ids, n in zip(enc["input_ids"], expected):  # a prompt must end where the answer starts
+        if len(ids) != n:
+            raise ValueError(f"the processor cut a prompt from {n} to {len(ids)} tokens (tokenizer truncation "
+                             f"defaults?); it now ends in {processor.tokenizer.decode(ids[-8:])!r}")
+    return enc
+
+
+def _expected_lengths(processor, conversations) -> list[int]:
+    """Prompt lengths with no truncation anywhere: the text's tokens plus the expanded image tokens."""
+    texts = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
+    texts = [texts] if isinstance(texts, str) else texts
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids(processor.image_token)
+    n_image = getattr(processor, "num_additional_image_tokens", 0)
+    per_image = processor.image_processor.crop_size["height"] // processor.patch_size
+    n_image += per_image * per_image - (processor.vision_feature_select_strategy == "default")
+    return [len(ids) + ids.count(image_id) * (n_image - 1)
+            for ids in tok(texts, add_special_tokens=True, truncation=False)["input_ids"]]
 
 
 @dataclasses.dataclass

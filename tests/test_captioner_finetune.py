@@ -166,3 +166,26 @@ def test_max_steps_cuts_the_schedule():
     got = list(finetune.batches(list(range(10)), o))
     assert finetune.num_steps(10, o) == len(got) == 6
     assert sorted(j for e, idx in got if e == 1 for j in idx) == list(range(10))  # every pair once per epoch
+
+
+def test_clip_tokenizer_truncation_defaults_never_cut_the_prompt(captioner_clip_dir, tmp_path):
+    """The real tiny CLIP's tokenizer carries `max_length: 77` + truncation defaults; the processor
+    applied them to the image + prompt sequence, so training saw prompts cut after ~13 text tokens
+    while captioning saw whole ones. The captioner's tokenizer must drop them."""
+    import shutil
+
+    from PIL import Image
+
+    from t2i_recap.captioner.prompts import RECAP_PROMPT
+
+    clip = tmp_path / "clip"
+    shutil.copytree(captioner_clip_dir, clip)
+    tok_cfg = json.loads((clip / "tokenizer_config.json").read_text())
+    tok_cfg.update(max_length=20, truncation_strategy="longest_first")
+    (clip / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    model, processor = finetune.build_captioner(_cfg("x", clip).build)
+    enc = finetune.encode_prompts(processor, [Image.new("RGB", (32, 32))], [RECAP_PROMPT])
+    assert len(enc["input_ids"][0]) == finetune._expected_lengths(processor, [[{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": RECAP_PROMPT}]}]])[0] > 40
+    processor.save_pretrained(tmp_path / "saved")
+    assert "max_length" not in json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
