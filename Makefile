@@ -11,6 +11,7 @@ STAMP := .install.stamp
 $(STAMP): pyproject.toml
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -e ".[dev]"
+	-command -v pyenv >/dev/null 2>&1 && pyenv rehash  # put new console scripts on PATH under pyenv
 	touch $(STAMP)
 
 install: $(STAMP)

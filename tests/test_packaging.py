@@ -43,12 +43,15 @@ def test_every_package_folder_is_in_the_wheel(wheel_names):
 
 
 def test_console_script_and_python_m():
-    out = subprocess.run(["t2i-recap", "--help"], capture_output=True, text=True, check=True).stdout
+    # The script pip installed beside this interpreter (PATH may hold another environment's).
+    script = Path(sys.executable).parent / "t2i-recap"
+    assert script.exists(), f"no console script at {script}: is the package installed (make install)?"
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True).stdout
     for words in ("shapes make", "caption run", "eval compare", "demo", "train", "export"):
         assert words in out
     out = subprocess.run([sys.executable, "-m", "t2i_recap", "--help"], capture_output=True, text=True, check=True)
     assert "shapes assets" in out.stdout
-    bad = subprocess.run(["t2i-recap", "nonsense"], capture_output=True, text=True)
+    bad = subprocess.run([str(script), "nonsense"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown command" in bad.stderr
 
 
