@@ -15,23 +15,10 @@ FAST_FINETUNE = [
 
 
 def build_captioner_clip(out, tokenizer_dir, seed: int = 0, max_positions: int = 77):
-    import torch
-    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from fixtures_core import build_tiny_clip
 
-    torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=max_positions, eos_token_id=tok.eos_token_id,
-                bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=CAPTIONER_RES, patch_size=8)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
-    crop = {"height": CAPTIONER_RES, "width": CAPTIONER_RES}
-    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": CAPTIONER_RES}, crop_size=crop),
-                         tokenizer=tok)
-    model.save_pretrained(str(out))
-    proc.save_pretrained(str(out))
-    return out
+    return build_tiny_clip(out, tokenizer_dir, resolution=CAPTIONER_RES, vision_layers=2,
+                           max_positions=max_positions, seed=seed)
 
 
 @pytest.fixture(scope="session")

@@ -15,23 +15,9 @@ EVAL_RES = 24  # >= the oracle's exact minimum (17), small enough to be quick
 
 
 def build_tiny_clip(out, tokenizer_dir, max_positions: int = 77, seed: int = 0):
-    import torch
-    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from fixtures_core import build_tiny_clip as build
 
-    torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=max_positions, eos_token_id=tok.eos_token_id,
-                bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=EVAL_RES, patch_size=8)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
-    size = {"shortest_edge": EVAL_RES}
-    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size=size, crop_size={"height": EVAL_RES, "width": EVAL_RES}),
-                         tokenizer=tok)
-    model.save_pretrained(str(out))
-    proc.save_pretrained(str(out))
-    return out
+    return build(out, tokenizer_dir, resolution=EVAL_RES, max_positions=max_positions, seed=seed)
 
 
 def build_tiny_pipeline(out, tokenizer_dir, seed: int = 0):
