@@ -130,12 +130,17 @@ def _single(rng: random.Random, item) -> tuple[str, list[dict], Scene]:
     return f"a picture of {_article(_desc(shape, size=size))}", [count_c(shape, 1, size=size)], scene
 
 
+def _pair(rng: random.Random, a: dict, b: dict) -> tuple[str, list[dict], Scene]:
+    """Two objects in free cells; `a` and `b` fix shape plus colour or size, the rest is random."""
+    ca, cb = _free_cells(rng, 2)
+    scene = Scene((_obj(ca, rng=rng, **a), _obj(cb, rng=rng, **b)))
+    text = f"a picture of {_article(_desc(**a))} and {_article(_desc(**b))}"
+    return text, [count_c(n=1, **a), count_c(n=1, **b)], scene
+
+
 def _two(rng: random.Random, item) -> tuple[str, list[dict], Scene]:
     (z1, s1), (z2, s2) = item
-    c1, c2 = _free_cells(rng, 2)
-    scene = Scene((_obj(c1, s1, size=z1, rng=rng), _obj(c2, s2, size=z2, rng=rng)))
-    text = f"a picture of {_article(_desc(s1, size=z1))} and {_article(_desc(s2, size=z2))}"
-    return text, [count_c(s1, 1, size=z1), count_c(s2, 1, size=z2)], scene
+    return _pair(rng, {"shape": s1, "size": z1}, {"shape": s2, "size": z2})
 
 
 def _counting(rng: random.Random, item) -> tuple[str, list[dict], Scene]:
@@ -165,10 +170,7 @@ def _position(rng: random.Random, item) -> tuple[str, list[dict], Scene]:
 
 def _color_attr(rng: random.Random, item) -> tuple[str, list[dict], Scene]:
     (c1, s1), (c2, s2) = item
-    ca, cb = _free_cells(rng, 2)
-    scene = Scene((_obj(ca, s1, color=c1, rng=rng), _obj(cb, s2, color=c2, rng=rng)))
-    text = f"a picture of {_article(_desc(s1, c1))} and {_article(_desc(s2, c2))}"
-    return text, [count_c(s1, 1, color=c1), count_c(s2, 1, color=c2)], scene
+    return _pair(rng, {"shape": s1, "color": c1}, {"shape": s2, "color": c2})
 
 
 def _dense(rng: random.Random, item) -> tuple[str, list[dict], Scene]:
