@@ -101,6 +101,7 @@ def test_quality_gates_hold(shapes_assets):
     clip = manifest["parts"]["clip"]["quality"]
     vae = manifest["parts"]["vae"]["quality"]
     assert clip["eval_scenes"] == 100 and clip["text_to_image_r_at_1"] >= 0.5
+    assert clip["binding_r_at_1"] >= 0.5 > 2 * clip["binding_chance"]
     assert vae["eval_scenes"] >= 200 and vae["oracle_agreement"] >= 0.98
     # Scaled latents have about unit variance.
     assert 0.8 < vae["latent_std"] * vae["scaling_factor"] < 1.2
@@ -112,13 +113,15 @@ def test_recall_is_measured_not_recorded(shapes_assets):
     from transformers import AutoTokenizer, CLIPModel, CLIPProcessor
 
     from t2i_recap.shapes.scene_batches import sample_scenes
-    from t2i_recap.shapes.train_clip import text_to_image_recall
+    from t2i_recap.shapes.train_clip import binding_recall, text_to_image_recall
 
     model = CLIPModel.from_pretrained(shapes_assets / "clip")
     tok = AutoTokenizer.from_pretrained(shapes_assets / "clip")
     processor = CLIPProcessor.from_pretrained(shapes_assets / "clip").image_processor
     scenes = sample_scenes(random.Random("fresh-scenes"), 100)
     assert text_to_image_recall(model, tok, processor, scenes, 32, seed=7) >= 0.5
+    # Position and attribute binding, not just a bag of colours and shapes (chance 0.2).
+    assert binding_recall(model, tok, processor, scenes, 32, seed=8, variants=4) >= 0.5
 
 
 @pytest.mark.slow  # the first user of shapes_assets pays for the real build (minutes)

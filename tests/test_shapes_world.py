@@ -92,3 +92,41 @@ def test_web_captions_are_short_noisy_and_name_at_most_one_object():
             if "color" in part and "shape" in part:
                 wrong_colour += (part["color"], part["shape"]) not in scene.counts()
     assert 0 < wrong_colour < 600, "some web captions name a wrong colour, most do not"
+
+
+def test_hard_negatives_keep_the_bag_of_objects_but_change_the_scene():
+    """perturb_scene: always a different scene, with the same number of objects; a move keeps every
+    (shape, colour, size), a swap keeps the cells and the multiset of colours/shapes."""
+    from collections import Counter
+
+    from t2i_recap.shapes.scene_batches import perturb_scene
+
+    rng = random.Random(5)
+    kinds = Counter()
+    for _ in range(500):
+        scene = sample_scene(rng)
+        variant = perturb_scene(scene, rng)
+        assert variant != scene and len(variant) == len(scene)
+        bag = lambda s: Counter((o.shape, o.color, o.size) for o in s.objects)  # noqa: E731
+        cells = lambda s: {o.cell for o in s.objects}  # noqa: E731
+        if bag(variant) == bag(scene):  # moved, or objects exchanged between the same cells
+            kinds["move"] += 1
+        else:
+            assert cells(variant) == cells(scene)
+            if len(scene) > 1:
+                kinds["swap"] += 1
+                assert Counter(o.color for o in variant.objects) == Counter(o.color for o in scene.objects)
+                assert Counter(o.shape for o in variant.objects) == Counter(o.shape for o in scene.objects)
+            else:
+                kinds["recolour"] += 1
+    assert kinds["move"] > 100 and kinds["swap"] > 100 and kinds["recolour"] > 10
+
+
+def test_clip_batches_hold_distinct_scenes_with_hard_negatives():
+    from t2i_recap.shapes.train_clip import ClipTrainConfig, training_batch
+
+    cfg = ClipTrainConfig(batch_size=64, hard_negatives=0.5)
+    held_out = [sample_scene(random.Random(i)) for i in range(50)]
+    batch = training_batch(random.Random(0), cfg, held_out)
+    assert len(batch) == 64 and len(set(batch)) == 64  # duplicates would be false negatives
+    assert not set(batch) & set(held_out)

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, PreTrainedTokenizerBase
 
 from t2i_recap.logging_utils import get_logger
-from t2i_recap.shapes.scene_batches import gold_captions, render_uint8, sample_scenes, uint8_to_tensor
+from t2i_recap.shapes.scene_batches import (gold_captions, perturb_scene, render_uint8, sample_scenes,
+                                            uint8_to_tensor)
 
 log = get_logger(__name__)
 
@@ -41,8 +42,9 @@ class ClipTrainConfig:
     """Size of the shared image-text embedding."""
     patch_size: int = 4
     """Vision patch side in pixels (32 px / 4 = 8x8 = 64 patches)."""
-    steps: int = 300
-    """Optimizer steps."""
+    steps: int = 1500
+    """Optimizer steps (1,500 x 128 pairs with hard negatives: R@1 0.98, binding R@1 0.94 in 456 s on
+    one idle core; 300 steps without hard negatives gave binding R@1 0.28, near the 0.2 chance)."""
     batch_size: int = 128
     """Pairs per step (also the number of negatives per pair)."""
     lr: float = 2e-3
@@ -51,8 +53,15 @@ class ClipTrainConfig:
     """Linear warm-up steps."""
     weight_decay: float = 0.05
     """AdamW weight decay."""
+    hard_negatives: float = 0.5
+    """Share of each batch that is a hard negative of another pair in it: the same objects moved to
+    other cells, or with colours or shapes swapped between objects (`perturb_scene`). Random scenes
+    are told apart by colour and shape alone, so without these the towers never need position or
+    attribute binding, which the DiT and the captioner need from them."""
     eval_scenes: int = 100
     """Held-out scenes for text-to-image R@1 (the issue's gate uses 100: chance is 1/100)."""
+    eval_variants: int = 4
+    """Hard negatives per held-out scene for the binding R@1 (chance: 1 / (1 + eval_variants))."""
     stats_scenes: int = 2000
     """Scenes used to measure the image mean/std written into the image processor."""
 
@@ -67,6 +76,10 @@ class ClipTrainConfig:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.hard_negatives < 1.0:
+            raise ValueError(f"hard_negatives must be in [0, 1), got {self.hard_negatives}")
+        if self.eval_variants < 1:
+            raise ValueError(f"eval_variants must be >= 1, got {self.eval_variants}")
 
 
 def image_stats(resolution: int, num_scenes: int, seed: int) -> tuple[list[float], list[float]]:
@@ -124,6 +137,21 @@ def _lr_factor(step: int, cfg: ClipTrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def training_batch(rng: random.Random, cfg: ClipTrainConfig, held_out=()) -> list:
+    """`cfg.batch_size` distinct scenes: random ones plus hard negatives of them (`cfg.hard_negatives`)."""
+    n_hard = int(round(cfg.batch_size * cfg.hard_negatives))
+    base = sample_scenes(rng, cfg.batch_size - n_hard, exclude=held_out)
+    banned = set(held_out)
+    seen = set(base)
+    scenes = list(base)
+    while len(scenes) < cfg.batch_size:
+        variant = perturb_scene(rng.choice(base), rng)
+        if variant not in seen and variant not in banned:  # duplicates would be false negatives
+            seen.add(variant)
+            scenes.append(variant)
+    return scenes
+
+
 def train_clip(model: CLIPModel, tokenizer: PreTrainedTokenizerBase, processor: CLIPImageProcessor,
                cfg: ClipTrainConfig, resolution: int, seed: int, held_out=()) -> list[float]:
     """Contrastive training on freshly generated pairs; returns the loss per step."""
@@ -135,7 +163,7 @@ def train_clip(model: CLIPModel, tokenizer: PreTrainedTokenizerBase, processor: 
     model.train()
     losses = []
     for _ in tqdm(range(cfg.steps), desc="clip", leave=False, mininterval=5):
-        scenes = sample_scenes(rng, cfg.batch_size, exclude=held_out)
+        scenes = training_batch(rng, cfg, held_out)
         text = tokenizer(gold_captions(scenes, rng), padding=True, truncation=True, return_tensors="pt")
         out = model(input_ids=text.input_ids, attention_mask=text.attention_mask,
                     pixel_values=normalize(render_uint8(scenes, resolution)), return_loss=True)
@@ -170,6 +198,33 @@ def text_to_image_recall(model: CLIPModel, tokenizer: PreTrainedTokenizerBase, p
     return float((sims.argmax(dim=1) == torch.arange(len(scenes))).float().mean())
 
 
+@torch.no_grad()
+def binding_recall(model: CLIPModel, tokenizer: PreTrainedTokenizerBase, processor: CLIPImageProcessor,
+                   scenes, resolution: int, seed: int, variants: int) -> float:
+    """R@1 of each held-out caption among its own image and `variants` hard negatives of it (objects
+    moved, colours or shapes swapped): does the model read position and attribute binding, not just
+    which colours and shapes appear? Chance is 1 / (1 + variants)."""
+    from t2i_recap.shapes.render import render
+
+    model.eval()
+    rng = random.Random(seed)
+    captions = gold_captions(list(scenes), rng)
+    hits = 0
+    for scene, caption in zip(scenes, captions):
+        group, tries = [scene], 0
+        while len(group) < 1 + variants and tries < 100:
+            tries += 1
+            v = perturb_scene(scene, rng)
+            if v not in group:
+                group.append(v)
+        text = tokenizer([caption], padding=True, truncation=True, return_tensors="pt")
+        pixels = processor(images=[render(s, resolution) for s in group], return_tensors="pt").pixel_values
+        t = _as_tensor(model.get_text_features(input_ids=text.input_ids, attention_mask=text.attention_mask))
+        v = _as_tensor(model.get_image_features(pixel_values=pixels))
+        hits += int((t @ torch.nn.functional.normalize(v, dim=-1).T).argmax() == 0)
+    return hits / len(scenes)
+
+
 def _as_tensor(features) -> torch.Tensor:
     # transformers v5 returns a model output from get_*_features; v4 returned the tensor itself.
     return features if isinstance(features, torch.Tensor) else features.pooler_output
@@ -193,15 +248,18 @@ def build_trained_clip(out_dir: str | Path, tokenizer: PreTrainedTokenizerBase, 
     model = build_clip(cfg, tokenizer, resolution)
     losses = train_clip(model, tokenizer, processor, cfg, resolution, seed, held_out=eval_scenes)
     r1 = text_to_image_recall(model, tokenizer, processor, eval_scenes, resolution, seed + 2)
+    binding = binding_recall(model, tokenizer, processor, eval_scenes, resolution, seed + 3, cfg.eval_variants)
     save_clip(model, tokenizer, processor, out_dir)
     record = {
         "text_to_image_r_at_1": r1,
+        "binding_r_at_1": binding,
+        "binding_chance": 1 / (1 + cfg.eval_variants),
         "eval_scenes": len(eval_scenes),
         "final_loss": float(np.mean(losses[-10:])) if losses else None,
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "train_seconds": round(time.perf_counter() - start, 2),
         "train_cpu_seconds": round(time.process_time() - cpu_start, 2),
     }
-    log.info("clip: R@1 %.3f over %d held-out scenes, final loss %s, %.1fs", r1, len(eval_scenes),
-             record["final_loss"], record["train_seconds"])
+    log.info("clip: R@1 %.3f over %d held-out scenes, binding R@1 %.3f (chance %.2f), final loss %s, %.1fs",
+             r1, len(eval_scenes), binding, record["binding_chance"], record["final_loss"], record["train_seconds"])
     return record
