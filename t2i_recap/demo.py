@@ -35,7 +35,7 @@ class DemoConfig:
 
     num_web: int = 20_000
     """Web samples (noisy alt-texts); the DataComp analogue."""
-    curated_fraction: float = 0.05
+    curated_fraction: float = 0.25
     """Share of web samples that also carry a gold dense caption (the captioner's training set)."""
     num_test: int = 500
     """Held-out scenes for the captioner's fidelity."""
@@ -43,7 +43,7 @@ class DemoConfig:
     resolution: int = 32
     p_values: list[float] = dataclasses.field(default_factory=lambda: [1.0, 0.0])
     """Caption-mixing ratios to train: p = 1.0 is the alt-text baseline, p = 0.0 recaptions only."""
-    train_steps: int = 3000
+    train_steps: int = 2000
     train_batch_size: int = 64
     train_config: str = str(REPO_CONFIGS / "train" / "shapes_tiny.yaml")
     finetune_config: str = str(REPO_CONFIGS / "caption" / "finetune_shapes.yaml")
