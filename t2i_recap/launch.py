@@ -1,22 +1,103 @@
-"""What a launcher promised versus what it started, shared by every multi-process command."""
+"""What a launcher promised versus what it started, shared by every multi-process command.
+
+`accelerate launch --cpu --num_processes N` starts ONE process in accelerate 1.x: its CPU launcher
+hands multi-process jobs to MPI, and without MPI it runs the script once with MASTER_ADDR set but no
+WORLD_SIZE. Going on would quietly do N processes' work in one. `check_cpu_launch` spots that case,
+reads N from the launcher's own command line, and replaces the process with `torch.distributed.run`
+(torchrun) starting N gloo CPU processes of the same command, which is what the user asked for.
+When N cannot be read, it refuses with the launch that works.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+RELAUNCHED = "T2I_RECAP_CPU_RELAUNCH"
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").lower() in ("1", "true", "yes")
+
+
+def lost_processes() -> bool:
+    """True for the single process `accelerate launch --cpu --num_processes N>1` starts without MPI."""
+    mpi = any(v in os.environ for v in MPI_SIZE_VARS)
+    return (_truthy(os.environ.get("ACCELERATE_USE_CPU")) and "MASTER_ADDR" in os.environ
+            and "WORLD_SIZE" not in os.environ and not mpi)
+
+
+def requested_processes(cmdline: list[str]) -> int | None:
+    """N from an `accelerate launch ... --num_processes N ...` command line (None when absent).
+
+    Only the launcher's own options count: scanning stops at `-m` / the script, so a flag of the
+    launched command is never read as the launcher's."""
+    # `accelerate launch ...` or `python -m accelerate.commands.launch ...`
+    starts = [i for i, t in enumerate(cmdline) if t == "launch" or t.endswith("accelerate.commands.launch")]
+    if not starts:
+        return None
+    args = cmdline[starts[0] + 1:]
+    for i, arg in enumerate(args):
+        if arg in ("-m", "--module") or not arg.startswith("-"):
+            return None
+        for name in ("--num_processes", "--num-processes"):
+            value = None
+            if arg == name and i + 1 < len(args):
+                value = args[i + 1]
+            elif arg.startswith(name + "="):
+                value = arg.split("=", 1)[1]
+            if value is not None:
+                try:
+                    return int(value)
+                except ValueError:
+                    return None
+    return None
+
+
+def _parent_cmdline() -> list[str]:
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _this_command(module: str) -> list[str]:
+    """How this process was started, minus the interpreter: `-m pkg.mod args` or `script.py args`
+    (so `-m t2i_recap train ...` and `-m t2i_recap.train ...` both relaunch as themselves)."""
+    rest = list(getattr(sys, "orig_argv", [])[1:])
+    if rest and (rest[0] == "-m" or not rest[0].startswith("-")):
+        return rest
+    return ["-m", module, *sys.argv[1:]]
+
+
+def torchrun_command(command: list[str], nproc: int) -> list[str]:
+    """`command` (`-m pkg.mod args` or `script args`) as N torchrun processes on this machine."""
+    port = os.environ.get("MASTER_PORT", "29500")
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", "1",
+            "--master_addr", os.environ.get("MASTER_ADDR", "127.0.0.1"), "--master_port", port, *command]
 
 
 def check_cpu_launch(module: str) -> None:
-    """Refuse `accelerate launch --cpu --num_processes N`, which silently starts ONE process.
+    """Turn `accelerate launch --cpu --num_processes N` into N real CPU processes, or refuse it.
 
-    accelerate 1.x hands multi-process CPU jobs to MPI; without it the launcher runs a single process
-    that sets MASTER_ADDR but no WORLD_SIZE. Going on would quietly do N processes' work in one.
+    Returns normally when the launch is sound (one process asked for, torchrun, MPI, GPUs). In the
+    lost-processes case it execs torchrun (never returns) when N can be read from the launcher,
+    else raises RuntimeError naming the launch that works.
     """
-    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    mpi = any(v in os.environ for v in MPI_SIZE_VARS)
-    if use_cpu and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ and not mpi:
-        raise RuntimeError(
-            "accelerate launch --cpu --num_processes N started a single process (accelerate's CPU launcher needs "
-            f"MPI). For N CPU processes run `accelerate launch --multi_gpu --num_processes N -m {module} ...` on a "
-            f"machine without GPUs, or `torchrun --nproc_per_node N -m {module} ...`.")
+    if not lost_processes():
+        return
+    nproc = requested_processes(_parent_cmdline())
+    if nproc and nproc > 1 and not os.environ.get(RELAUNCHED):
+        cmd = torchrun_command(_this_command(module), nproc)
+        env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+        env[RELAUNCHED] = "1"  # a second lost launch refuses instead of looping
+        print(f"t2i-recap: accelerate's --cpu launcher started one process for --num_processes {nproc}; "
+              f"relaunching as {nproc} CPU processes: {' '.join(cmd)}", file=sys.stderr, flush=True)
+        os.execve(sys.executable, cmd, env)
+    raise RuntimeError(
+        "accelerate launch --cpu --num_processes N started a single process (accelerate's CPU launcher needs "
+        f"MPI) and N could not be read from the launcher. Run `accelerate launch --multi_gpu --num_processes N "
+        f"-m {module} ...` on a machine without GPUs, or `torchrun --nproc_per_node N -m {module} ...`.")

@@ -181,19 +181,23 @@ def test_resume_after_sigkill(captioner_shards, tiny_llava_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_split(captioner_shards, tiny_llava_dir, tmp_path):
-    """Under `accelerate launch` (torchrun underneath) shard i goes to rank i % 2: no overlap, no gap."""
+@pytest.mark.parametrize("flag", ["--multi_gpu", "--cpu"])
+def test_two_process_split(captioner_shards, tiny_llava_dir, tmp_path, flag):
+    """Under `accelerate launch` shard i goes to rank i % 2: no overlap, no gap.
+
+    `--multi_gpu` runs torchrun, which starts two processes on a CPU-only machine too. accelerate's
+    `--cpu` launcher starts ONE process (accelerate 1.x: only mpirun spreads CPU jobs); the captioner
+    sees that, reads N from the launcher and relaunches itself as N torchrun processes."""
     from t2i_recap.captioner.writer import read_info
 
     out = tmp_path / "out"
-    # accelerate's `--cpu` launcher starts ONE process (accelerate 1.x: only mpirun spreads CPU
-    # jobs); `--multi_gpu` runs torchrun, which starts two processes on a CPU-only machine too.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", flag, "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "t2i_recap.captioner", "--input", str(captioner_shards), "--out", str(out),
            "--model", str(tiny_llava_dir), "--batch-size", "4", "--max-new-tokens", "4", "--device", "cpu"]
     res = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert ("relaunching as 2 CPU processes" in res.stderr) == (flag == "--cpu")
     ranks = {p.stem: read_info(p)["rank"] for p in sorted(out.glob("*.parquet"))}
     assert ranks == {"00000": 0, "00001": 1, "00002": 0, "00003": 1}
     assert all(read_info(p)["world_size"] == 2 for p in out.glob("*.parquet"))

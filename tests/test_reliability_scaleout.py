@@ -4,8 +4,8 @@ same global batch.
 
 The real two-process captioning launch is tested in test_captioner_run.py::test_two_process_split
 and the two-process train/checkpoint/resume in test_train_multiprocess.py; this file adds what they
-do not: rank splits across restarts with a changed world size, the refusal of the launch that
-silently starts one process, and the 1-vs-2-process loss comparison, launched with the documented
+do not: rank splits across restarts with a changed world size, the relaunch (or refusal) of the launch
+that silently starts one process, and the 1-vs-2-process loss comparison, launched with the documented
 docs/accelerate/cpu_two_processes.yaml.
 """
 
@@ -57,17 +57,34 @@ def test_ranks_split_shards_with_no_overlap_and_no_gap(tmp_path, captioner_shard
             f"{i:05d}": i % last_world for i in range(4)}
 
 
-def test_the_launch_that_starts_one_process_is_refused(tmp_path, captioner_shards):
-    """`accelerate launch --cpu --num_processes 2` runs ONE process (accelerate 1.x needs MPI for CPU jobs):
-    the captioner refuses it, naming the launch that works, instead of doing two processes' work in one."""
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "t2i_recap.captioner",
-           "--input", str(captioner_shards), "--out", str(out), "--model", "unused"]
-    res = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert res.returncode != 0
-    assert "--multi_gpu --num_processes N -m t2i_recap.captioner" in res.stderr
-    assert not list(out.glob("*.parquet"))
+def test_the_launch_that_starts_one_process_is_relaunched_or_refused(monkeypatch):
+    """`accelerate launch --cpu --num_processes 2` runs ONE process (accelerate 1.x needs MPI for CPU jobs).
+    The commands read N from the launcher's command line and become N torchrun processes (the real
+    launches: test_captioner_run.py::test_two_process_split, test_train_multiprocess.py); when N cannot
+    be read they refuse, naming the launch that works, instead of doing two processes' work in one."""
+    from t2i_recap import launch
+
+    for argv, n in [(["accelerate", "launch", "--cpu", "--num_processes", "2", "-m", "x"], 2),
+                    ([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes=3", "s.py"], 3),
+                    (["accelerate", "launch", "--cpu", "-m", "x", "--num_processes", "4"], None),  # the script's flag
+                    (["accelerate", "launch", "--cpu", "--num_processes", "two", "-m", "x"], None),
+                    ([sys.executable, "-m", "pytest"], None)]:
+        assert launch.requested_processes(argv) == n, argv
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert launch.lost_processes()
+    monkeypatch.setattr(launch, "_parent_cmdline", lambda: [sys.executable, "-m", "pytest"])
+    with pytest.raises(RuntimeError, match="--multi_gpu --num_processes N -m t2i_recap.captioner"):
+        launch.check_cpu_launch("t2i_recap.captioner")
+    # A relaunched process that finds itself lost again refuses instead of looping.
+    monkeypatch.setattr(launch, "_parent_cmdline", lambda: ["accelerate", "launch", "--cpu", "--num_processes", "2"])
+    monkeypatch.setenv(launch.RELAUNCHED, "1")
+    with pytest.raises(RuntimeError, match="could not be read|torchrun"):
+        launch.check_cpu_launch("t2i_recap.captioner")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun / --multi_gpu: a sound launch
+    assert not launch.lost_processes()
+    launch.check_cpu_launch("t2i_recap.captioner")
 
 
 def _losses(run: Path) -> list[float]:
