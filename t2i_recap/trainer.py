@@ -364,12 +364,12 @@ def _world_size() -> int:
 
 
 def _cpu_processes() -> bool:
-    """Whether to run on CPU; refuses a launch that silently lost its extra processes.
+    """Whether to run on CPU; mends (or refuses) a launch that silently lost its extra processes.
 
     accelerate only forms a CPU process group with cpu=True and WORLD_SIZE > 1, so without CUDA we
     pass cpu=True: then `accelerate launch --multi_gpu --num_processes 2` and `torchrun` give N CPU
     processes. `accelerate launch --cpu --num_processes 2` instead starts ONE process (its simple
-    launcher expects MPI); that case sets MASTER_ADDR but no WORLD_SIZE, and is an error here.
+    launcher expects MPI); `check_cpu_launch` relaunches that one as N torchrun processes (or refuses).
     """
     from t2i_recap.launch import check_cpu_launch
 
