@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     images = generate_from_settings(pipe, settings, prompts, list(range(args.num)), **overrides)
     rows, exact, recall, found, total = [], 0, 0, 0, 0
+    by_count: dict[int, list[int]] = {}  # objects in the prompt -> [prompts, exact, found, total]
     for scene, prompt, image in zip(scenes, prompts, images):
         want = {(o.row, o.col, o.color) for o in scene.objects}
         got = {(o.row, o.col, o.color) for o in read_scene(image).objects}
@@ -56,9 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         found += len(want & got)
         total += len(want)
         rows.append({"prompt": prompt, "want": sorted(want), "got": sorted(got)})
+        agg = by_count.setdefault(len(want), [0, 0, 0, 0])
+        agg[0] += 1
+        agg[1] += want == got
+        agg[2] += len(want & got)
+        agg[3] += len(want)
     result = {"model": args.model, "num": args.num, "seed": args.seed,
               "exact_colour_position": exact / args.num, "recall_colour_position": recall / args.num,
-              "objects_colour_position": found / total, "settings": {**settings, **overrides},
+              "objects_colour_position": found / total,
+              "by_object_count": {n: {"prompts": a[0], "exact": round(a[1] / a[0], 3), "objects": round(a[2] / a[3], 3)}
+                                  for n, a in sorted(by_count.items())},
+              "settings": {**settings, **overrides},
               "generate_seconds": round(time.time() - t0, 1)}
     print(json.dumps(result))
     if args.out:
