@@ -44,7 +44,7 @@ class ClipTrainConfig:
     """Vision patch side in pixels (32 px / 4 = 8x8 = 64 patches)."""
     steps: int = 1500
     """Optimizer steps (1,500 x 128 pairs with hard negatives: R@1 0.98, binding R@1 0.94 in 456 s on
-    one idle core; 300 steps without hard negatives gave binding R@1 0.28, near the 0.2 chance)."""
+    one core, another job on the other; 300 steps without hard negatives: binding R@1 0.28, chance 0.2)."""
     batch_size: int = 128
     """Pairs per step (also the number of negatives per pair)."""
     lr: float = 2e-3
