@@ -115,6 +115,14 @@ class Demo:
         manifest = json.loads((self.assets / "assets.json").read_text())
         return {part: info.get("quality") for part, info in manifest.get("parts", {}).items()}
 
+    def _assets_seconds(self) -> float:
+        """Expected build time: ~0.3 s per CLIP or VAE step on a busy 2-core box (927 s for 1,500 + 1,000)."""
+        from t2i_recap.config import load_config
+        from t2i_recap.shapes.assets import AssetsConfig
+
+        cfg = load_config(AssetsConfig, None, self.cfg.assets_overrides)
+        return 0.37 * (cfg.clip.steps + cfg.vae.steps) + 10
+
     def finetune(self) -> dict:
         from t2i_recap.captioner import finetune
 
@@ -207,22 +215,26 @@ class Demo:
         caption = {k: c[k] for k in ("caption_batch_size", "caption_max_new_tokens")}
         train = {k: c[k] for k in ("train_steps", "train_batch_size", "train_config")}
         evals = {k: c[k] for k in ("eval_per_category", "eval_images_per_prompt", "eval_steps")}
+        # Expected seconds for the ETA bar, from the full run of 2026-11-26 on 2 CPU cores (README).
         scale = c["num_web"] / 20_000
+        pairs = c["num_web"] * c["curated_fraction"] / 5_000
         stages = [
-            Stage("world", self.world, world, 60 * scale + 5),
-            Stage("assets", self.build_assets, {"assets": c["assets"], "o": c["assets_overrides"]}, 240),
-            Stage("captioner", self.finetune, {"config": c["finetune_config"], "o": c["finetune_overrides"]}, 200,
+            Stage("world", self.world, world, 10 * scale + 5),
+            Stage("assets", self.build_assets, {"assets": c["assets"], "o": c["assets_overrides"]},
+                  5 if c["assets"] else self._assets_seconds()),
+            Stage("captioner", self.finetune, {"config": c["finetune_config"], "o": c["finetune_overrides"]},
+                  1430 * pairs + 10,
                   ("world", "assets")),
             Stage("fidelity", self.fidelity, caption, 20, ("captioner",)),
-            Stage("recaption", self.recaption, caption, 200 * scale + 5, ("captioner",)),
-            Stage("stats", self.stats, {}, 20 * scale + 5, ("recaption",)),
-            Stage("prepare", self.prepare, train, 60 * scale + 5, ("recaption",)),
+            Stage("recaption", self.recaption, caption, 360 * scale + 5, ("captioner",)),
+            Stage("stats", self.stats, {}, 40 * scale + 5, ("recaption",)),
+            Stage("prepare", self.prepare, train, 50 * scale + 5, ("recaption",)),
         ]
         for p in self.cfg.p_values:
             name = _p_name(p)
             stages.append(Stage(f"train_{name}", lambda p=p: self.train(p), {"p": p, **train},
-                                self.cfg.train_steps * 0.08, ("prepare",)))
-            stages.append(Stage(f"eval_{name}", lambda p=p: self.evaluate(p), {"p": p, **evals}, 40,
+                                self.cfg.train_steps * 0.5, ("prepare",)))
+            stages.append(Stage(f"eval_{name}", lambda p=p: self.evaluate(p), {"p": p, **evals}, 60,
                                 (f"train_{name}", "captioner")))
         stages.append(Stage("compare", self.compare, {"p": c["p_values"]}, 5,
                             tuple(f"eval_{_p_name(p)}" for p in self.cfg.p_values)))
