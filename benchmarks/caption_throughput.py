@@ -189,6 +189,17 @@ def prompt_tokens(plain: PlainGenerate) -> int:
     return int(plain.inputs(web_images(1))["input_ids"].shape[1])
 
 
+def count_generation_flops(model, plain: PlainGenerate) -> float:
+    """FLOPs of one image's caption, counted under eager attention: torch's FLOP counter rejects the
+    grouped-query shapes that SDPA gets with `enable_gqa` (seen on an H200, torch 2.11), while eager
+    attention repeats the KV heads into plain matmuls that it counts exactly as SDPA's math."""
+    model.set_attn_implementation("eager")
+    try:
+        return count_flops(lambda: plain.caption(web_images(1)))
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
 def run_rows(name: str, runner, args, device, flops_per_img: float | None) -> list[dict]:
     rows = []
     for bs in args.batch_sizes:
@@ -243,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(shape, processor, device, dtype)
         plain = PlainGenerate(model, processor, device, dtype, args.new_tokens)
         n_prompt = prompt_tokens(plain)
-        flops = None if args.no_flops else count_flops(lambda: plain.caption(web_images(1)))
+        flops = None if args.no_flops else count_generation_flops(model, plain)
         params = sum(p.numel() for p in model.parameters())
         if "plain" in args.paths:
             rows += run_rows("plain generate", plain, args, device, flops)

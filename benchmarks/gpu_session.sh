@@ -14,6 +14,9 @@
 #   e2e        trainer_e2e.py: DiT-B/4 trainer, batch in memory / 0 / 8 workers  (~4 min)
 #   caption    caption_throughput.py: 8B LLaVA shape, batches 32 64 128          (~5 min)
 #   data       data_cpu.py: shard decode and cache read on this machine's CPUs (~2 min)
+#   b4-clip    train_step.py: DiT-B/4, CLIP-L text only, 3 rows        (a short lease's first call)
+#   xl2-clip   train_step.py: DiT-XL/2, CLIP-L text only, 3 rows
+#   caption-2  caption_throughput.py: 8B LLaVA shape, batches 64 128, 2 timed batches each
 #   all        every part above, in that order (more than one 10-minute device call: split it)
 # Minutes are estimates, not measurements. With the device tool, one call per plan line, in order
 # of the issue's priorities, each started right after the last (a machine stays warm for 30 s):
@@ -39,7 +42,7 @@ START=$(date +%s)
 # Wheels the GPU image lacks (KINDS.md lists its packages): diffusers and importlib_metadata for it
 # (held below 9, whose new dependency the image also lacks); transformers 5.24.0 replaces the image's
 # 5.17 so both machines run the version the project is tested with (its other needs are in the image).
-WHEELS=("diffusers==0.42.1" "importlib_metadata==8.7.0" "transformers==5.24.0")
+WHEELS=("diffusers==0.42.1" "importlib_metadata==8.7.0" "transformers==5.24.0" "braceexpand==0.1.7" "webdataset==1.0.2")
 
 fetch_wheels() {
   local exclude
@@ -97,12 +100,13 @@ setup() {
     || { echo "project install failed" >&2; exit 1; }
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
   export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-  if ! "$PY" -c "import transformers" >/dev/null 2>&1; then
+  if ! "$PY" -P -c "import transformers" >/dev/null 2>&1; then
     # e.g. a dependency of the carried version is older in the image: use the image's own transformers
     echo "the carried transformers does not import here; falling back to the image's version" | tee -a "$OUT/session.log"
     rm -rf "$SITE"/transformers "$SITE"/transformers-*.dist-info
   fi
-  "$PY" -c "import diffusers, transformers, torch, t2i_recap.captioner.backend; print('imports ok:', \
+  # -P: the checkout's own t2i_recap/ folder (no captioner/ inside) must not shadow the installed package
+  "$PY" -P -c "import diffusers, transformers, torch, t2i_recap.captioner.backend; print('imports ok:', \
 'transformers', transformers.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/session.log" \
     || { echo "imports failed: see above" >&2; exit 1; }
 }
@@ -141,6 +145,10 @@ part() {
     e2e) run e2e 420 "$PY" benchmarks/trainer_e2e.py --size paper --loaders mem 0 8 --keep-going $(common_args) ;;
     caption) run caption 540 "$PY" benchmarks/caption_throughput.py --shape 8b --batch-sizes 32 64 128 \
       --weights-dir /tmp/bench-llava --keep-going $(common_args) ;;
+    b4-clip) run b4-clip 300 "$PY" "$t" --sizes paper --models DiT-B/4 --texts clip-l --keep-going $(common_args) ;;
+    xl2-clip) run xl2-clip 360 "$PY" "$t" --sizes paper --models DiT-XL/2 --texts clip-l --keep-going $(common_args) ;;
+    caption-2) run caption-2 300 "$PY" benchmarks/caption_throughput.py --shape 8b --batch-sizes 64 128 --repeats 2 \
+      --weights-dir /tmp/bench-llava --keep-going $(common_args) ;;
     data) run data 300 "$PY" benchmarks/data_cpu.py --samples 1000 --image-size 512 --device cpu \
       --markdown "$OUT/tables.md" --json "$OUT/results.jsonl" ;;
   esac
@@ -160,8 +168,8 @@ main() {
   [ ${#parts[@]} -gt 0 ] || parts=(env smoke train-b4 train-b2 train-xl2 train-pad e2e caption data)
   for p in "${parts[@]}"; do
     case "$p" in
-      env|smoke|train-b4|train-b2|train-xl2|train-pad|e2e|caption|data) ;;
-      *) echo "unknown part '$p' (env smoke train-b4 train-b2 train-xl2 train-pad e2e caption data all)" >&2
+      env|smoke|train-b4|train-b2|train-xl2|train-pad|e2e|caption|data|b4-clip|xl2-clip|caption-2) ;;
+      *) echo "unknown part '$p' (env smoke train-b4 train-b2 train-xl2 train-pad e2e caption data b4-clip xl2-clip caption-2 all)" >&2
          exit 2 ;;
     esac
   done

@@ -121,17 +121,12 @@ def project_model(case: Case, levers: set[str], compile_ok: bool):
     return model, cfg
 
 
-def project_optimizer(params, fused: bool | None):
-    """AdamW as the trainer builds it (its OptimConfig defaults; `fused` only if the config has it)."""
+def project_optimizer(params, device: torch.device, fused: bool | None):
+    """AdamW as the trainer builds it (OptimConfig defaults; `fused` set only to force the lever)."""
     from t2i_recap.trainer import OptimConfig
 
-    o = OptimConfig()
-    kwargs = dict(lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
-    if getattr(o, "fused", None) is not None:
-        kwargs["fused"] = bool(o.fused)
-    elif fused is not None:
-        kwargs["fused"] = fused
-    return torch.optim.AdamW(params, **kwargs), o
+    o = OptimConfig() if fused is None else OptimConfig(fused=fused)
+    return torch.optim.AdamW(params, **o.adamw_kwargs(device)), o
 
 
 def inputs(case: Case, device: torch.device) -> dict:
@@ -155,19 +150,29 @@ def make_step(model, opt, batch: dict, device: torch.device, *, autocast: bool, 
               objective=None, clip: float = 0.0, trim: Callable | None = None) -> Callable[[], torch.Tensor]:
     """One optimizer step. Without `objective` the rectified-flow loss is inlined with noise drawn on
     the device (the baseline); with it, the project's objective.loss runs as the trainer calls it.
-    `trim(emb, mask)` runs every step, as the trainer runs its text-padding trim."""
+    `trim(emb, mask)` runs every step on a CPU copy of the mask, as the trainer trims text padding
+    on the loader's CPU masks; the objective's generator is made per step as the trainer makes it."""
     x0, emb_all, mask_all = batch["x0"], batch["emb"], batch["mask"]
-    gen = torch.Generator(device="cpu").manual_seed(1)
+    mask_cpu = mask_all.cpu()
+    steps = [0]
     dtype = torch.bfloat16 if autocast else torch.float32
 
     def model_fn(x, t, **cond):
         return model(x, timestep=t, added_cond_kwargs=None, return_dict=False, **cond)[0]
 
     def step() -> torch.Tensor:
-        emb, mask = trim(emb_all, mask_all) if trim is not None else (emb_all, mask_all)
+        if trim is not None:
+            emb, mask = trim(emb_all, mask_cpu)
+            mask = None if mask is None else mask.to(device)
+        else:
+            emb, mask = emb_all, mask_all
         mask = mask if use_mask else None
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
             if objective is not None:
+                from t2i_recap.trainer import step_generator
+
+                gen = step_generator(1, 0, steps[0], 0, device=device)
+                steps[0] += 1
                 loss = objective.loss(model_fn, x0, gen, encoder_hidden_states=emb, encoder_attention_mask=mask)
             else:
                 t = torch.rand(x0.shape[0], device=device)
@@ -208,7 +213,7 @@ def build_row(case: Case, variant: Variant, device: torch.device, args) -> tuple
         # The trainer passes the text mask unless its config says otherwise; "nomask" forces the lever.
         use_mask = "nomask" not in levers and ("mask" in levers or trainer_passes_mask())
         model = model.to(device).train()
-        opt, ocfg = project_optimizer(model.parameters(), None if "foreach" not in levers else False)
+        opt, ocfg = project_optimizer(model.parameters(), device, None if "foreach" not in levers else False)
         fused = bool(opt.defaults.get("fused"))
         from t2i_recap import mixing
         from t2i_recap.objectives import ObjectiveConfig, build_objective
@@ -234,7 +239,9 @@ def build_row(case: Case, variant: Variant, device: torch.device, args) -> tuple
         precision = "bf16-autocast"
     else:
         precision = "fp32" if variant.base == "fp32" or amp_ok else "fp32 (autocast off on CPU)"
-    applied = {precision, "mask" if use_mask else "nomask",
+    # The project's trim passes no mask when nothing is padded (all-ones here unless --caption-tokens).
+    mask_label = ("mask" if case.caption_tokens else "nomask (all-ones dropped)") if trim is not None else "mask"
+    applied = {precision, mask_label if use_mask else "nomask",
                "fused-adamw" if fused else "foreach-adamw"}
     if "ckpt" in levers:
         applied.add("ckpt")

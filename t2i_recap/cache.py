@@ -135,7 +135,7 @@ def latents_from(features: dict, generator: torch.Generator, scaling: float, shi
     mean = features["mean"].float()
     if "logvar" in features:
         std = torch.exp(0.5 * features["logvar"].float().clamp(-30.0, 20.0))
-        mean = mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)
+        mean = mean + std * torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device)
     return (mean - shift) * scaling
 
 

@@ -85,12 +85,19 @@ def select(choice: torch.Tensor, original: tuple[torch.Tensor, torch.Tensor], re
     return emb, mask
 
 
-def trim_padding(emb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop the token columns that are padding in every sample of the batch.
+def trim_padding(emb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Drop the token columns that are padding in every sample of the batch; no mask at all when
+    nothing is left padded.
 
     Masked keys get an additive -10000 bias, so their attention weight is exactly zero: the output is
     unchanged, but cross-attention over e.g. 20 of CLIP's 77 (or T5's 300) positions costs less.
+    An all-ones mask only adds a zero bias, yet diffusers still builds that bias, which keeps SDPA
+    off its flash kernel; passing None instead computes the same attention on the fast kernel.
+    Give a CPU mask where you can: reading its extent from a GPU mask waits for the GPU.
     """
-    keep = int(mask.sum(dim=1).max().clamp(min=1))
-    return emb[:, :keep], mask[:, :keep]
-
+    lengths = mask.sum(dim=1)
+    keep = int(lengths.max().clamp(min=1))
+    mask = mask[:, :keep]
+    if bool((lengths == keep).all()):
+        return emb[:, :keep], None
+    return emb[:, :keep], mask

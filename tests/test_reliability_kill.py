@@ -249,8 +249,8 @@ def test_train_killed_mid_step_resumes_to_the_same_weights(tmp_path, train_asset
     real = Trainer._micro_step
     calls = []
 
-    def micro_step_then_die(self, batch, gen):
-        out = real(self, batch, gen)
+    def micro_step_then_die(self, batch, micro):
+        out = real(self, batch, micro)
         calls.append(self.step)
         # step 5 (0-based), second micro-batch: the first micro-batch's gradients are accumulated
         if self.step == 5 and calls.count(5) == 2:

@@ -40,8 +40,8 @@ def poison(monkeypatch):
     real = Trainer._micro_step
 
     def arm(step: int, value: float) -> None:
-        def micro_step(self, batch, gen):
-            loss, counts, trunc = real(self, batch, gen)
+        def micro_step(self, batch, micro):
+            loss, counts, trunc = real(self, batch, micro)
             if self.step == step:
                 loss = loss * value  # keeps the graph: the gradients are poisoned too
             return loss, counts, trunc

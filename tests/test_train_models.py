@@ -94,3 +94,10 @@ def test_trimming_text_padding_leaves_the_output_unchanged():
         e, m = trim_padding(emb, mask)
         short = model(x, timestep=t, encoder_hidden_states=e, encoder_attention_mask=m, added_cond_kwargs=None).sample
     assert e.shape[1] == 9 and torch.allclose(full, short, atol=1e-5)
+    # Nothing left padded: no mask at all (SDPA's flash path), and still the same output.
+    mask[0, :9] = 1
+    with torch.no_grad():
+        full = model(x, timestep=t, encoder_hidden_states=emb, encoder_attention_mask=mask, added_cond_kwargs=None).sample
+        e, m = trim_padding(emb, mask)
+        short = model(x, timestep=t, encoder_hidden_states=e, encoder_attention_mask=m, added_cond_kwargs=None).sample
+    assert e.shape[1] == 9 and m is None and torch.allclose(full, short, atol=1e-5)

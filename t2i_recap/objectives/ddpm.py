@@ -24,8 +24,8 @@ class DDPMEpsilon:
 
     def loss(self, model_fn, x0: torch.Tensor, generator: torch.Generator, **cond) -> torch.Tensor:
         n = x0.shape[0]
-        t = torch.randint(0, self.cfg.num_train_timesteps, (n,), generator=generator).to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator).to(device=x0.device, dtype=x0.dtype)
+        t = torch.randint(0, self.cfg.num_train_timesteps, (n,), generator=generator, device=generator.device).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(device=x0.device, dtype=x0.dtype)
         x_t = self.train_scheduler.add_noise(x0, noise, t)
         pred = model_fn(x_t, t, **cond)[:, : x0.shape[1]]
         return F.mse_loss(pred.float(), noise.float())

@@ -21,14 +21,14 @@ class RectifiedFlow:
 
     def sample_t(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """Logit-normal timesteps in (0, 1): more weight on the middle, where learning is hardest."""
-        z = torch.randn(n, generator=generator) * self.cfg.logit_std + self.cfg.logit_mean
+        z = torch.randn(n, generator=generator, device=generator.device) * self.cfg.logit_std + self.cfg.logit_mean
         return torch.sigmoid(z)
 
     def loss(self, model_fn, x0: torch.Tensor, generator: torch.Generator, **cond) -> torch.Tensor:
         """Mean-squared velocity error; `model_fn(x_t, timestep, **cond)` returns the prediction."""
         n = x0.shape[0]
         t = self.sample_t(n, generator).to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator).to(device=x0.device, dtype=x0.dtype)
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(device=x0.device, dtype=x0.dtype)
         tb = t.view(n, *([1] * (x0.ndim - 1))).to(x0.dtype)
         x_t = (1 - tb) * x0 + tb * noise
         pred = model_fn(x_t, t * 1000.0, **cond)[:, : x0.shape[1]]
