@@ -1,10 +1,12 @@
 """Set-level image distances between generated and reference images.
 
-* FID through torchmetrics' `FrechetInceptionDistance`, with a local Inception weights file
-  (`feature_extractor_weights_path`; the standard `pt_inception-2015-12-05` file) and
+* FID through torchmetrics' `FrechetInceptionDistance`, with a local Inception weights file (the
+  standard `weights-inception-2015-12-05-6726825d.pth`, or the same tensors as .safetensors) and
   `antialias` passed explicitly: torchmetrics >= 1.8 defaults to True, which differs from the
   reference implementation, so the default here is False (paper-comparable; REFERENCE.md s5).
-  The Inception network comes from the `torch-fidelity` package (which needs torchvision).
+  The network is `evaluate/inception.py`, torch-fidelity's Inception-v3 layer for layer (checked
+  bit-identical on random weights), given to torchmetrics as its `feature` module: torch-fidelity
+  itself imports torchvision, whose wheels fail beside a CPU-only torch.
 * FD-CLIP: the same Frechet distance over CLIP image embeddings (torchmetrics' FID with the CLIP
   image tower as its `feature` module), and CMMD (Jayasumana et al. 2024: MMD with a Gaussian
   kernel, sigma 10, scaled by 1000, over L2-normalised CLIP embeddings). Neither needs Inception.
@@ -128,15 +130,15 @@ def cmmd(x: torch.Tensor, y: torch.Tensor, sigma: float = 10.0, scale: float = 1
 
 
 def _inception_metric(weights: str | Path | None, antialias: bool):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from .inception import load_fid_inception
+
     weights = require_file(weights, "--inception-weights", "FID")
-    try:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-        import torch_fidelity  # noqa: F401  (torchmetrics' Inception lives there)
-    except ImportError as exc:
-        raise ImportError(f"FID needs the torch-fidelity package (and torchvision): pip install torch-fidelity "
-                          f"torchvision ({exc})") from None
-    return FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(weights), antialias=antialias,
-                                    normalize=False, reset_real_features=False)
+    # torchmetrics computes the statistics; the network is evaluate/inception.py's copy of
+    # torch-fidelity's, since torch-fidelity's import of torchvision fails beside a CPU-only torch.
+    return FrechetInceptionDistance(feature=load_fid_inception(weights, antialias=antialias), normalize=False,
+                                    reset_real_features=False)
 
 
 class SetDistances:

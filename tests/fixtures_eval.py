@@ -20,6 +20,32 @@ def build_tiny_clip(out, tokenizer_dir, max_positions: int = 77, seed: int = 0):
     return build(out, tokenizer_dir, resolution=EVAL_RES, max_positions=max_positions, seed=seed)
 
 
+def write_fid_inception_weights(out, images) -> tuple:
+    """FID Inception-v3 weights in the standard layout, random (no hub here), with batch-norm
+    statistics calibrated on `images` (PIL) plus noise, so that 94 random layers still tell images
+    apart; saved as torch-fidelity's file is (a torch.save'd state dict) and as safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    from t2i_recap.evaluate.inception import FIDInceptionV3
+    from t2i_recap.evaluate.metric_clip import to_uint8_tensor
+
+    torch.manual_seed(0)
+    net = FIDInceptionV3()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration batch
+    calib = torch.stack([to_uint8_tensor(i) for i in images])
+    noise = (torch.rand(2, *calib.shape[1:]) * 255).to(torch.uint8)
+    with torch.no_grad():
+        net.train()(torch.cat([calib, noise]))
+    state = net.eval().state_dict()
+    torch.save(state, out / "weights-inception-2015-12-05.pth")
+    save_file(state, out / "inception.safetensors")
+    return out / "weights-inception-2015-12-05.pth", out / "inception.safetensors"
+
+
 def build_tiny_pipeline(out, tokenizer_dir, seed: int = 0):
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fixtures_eval import EVAL_RES, build_tiny_clip
+from fixtures_eval import EVAL_RES, build_tiny_clip, write_fid_inception_weights
 from t2i_recap.evaluate.metric_clip import ClipScorer, to_uint8_tensor
 from t2i_recap.evaluate.metric_fid import clip_distances, cmmd, inception_fid, load_reference
 from t2i_recap.evaluate.metric_vqa import VqaScorer, constraint_question
@@ -174,3 +174,43 @@ def test_set_distances_stream_and_keep_the_reference_between_variants(clip_score
         assert got["cmmd"] == pytest.approx(want["cmmd"], rel=1e-4, abs=1e-6) and got["num_reference"] == 12
     with pytest.raises(ValueError, match="need a CLIP model"):
         SetDistances()
+
+
+def test_fid_from_a_local_inception_file(tmp_path):
+    from t2i_recap.evaluate.inception import load_fid_inception
+
+    pth, st = write_fid_inception_weights(tmp_path, _images(6, seed=2)[0])
+    x = (torch.rand(2, 3, 40, 56) * 255).to(torch.uint8)
+    with torch.no_grad():  # both file formats hold the same network
+        torch.testing.assert_close(load_fid_inception(st)(x), load_fid_inception(pth)(x), rtol=0, atol=0)
+    a, _ = _images(6, seed=0)
+    b, _ = _images(6, seed=1)
+    rng = np.random.default_rng(0)
+    noise = [Image.fromarray(rng.integers(0, 256, (EVAL_RES, EVAL_RES, 3), dtype=np.uint8)) for _ in range(6)]
+    same = inception_fid(a, a, pth, batch_size=4)
+    near, far = inception_fid(b, a, pth), inception_fid(noise, a, pth)
+    assert abs(same) < 1e-2 * near and 0 < near < far
+    smooth = inception_fid(b, a, pth, antialias=True)  # the other resize: a different, finite number
+    assert np.isfinite(smooth) and smooth != pytest.approx(near, rel=1e-6)
+
+
+def test_fid_refuses_a_file_that_is_not_the_inception_weights(tmp_path, eval_clip_dir):
+    images, _ = _images(2)
+    with pytest.raises(ValueError, match=r"model.safetensors: not the FID Inception-v3"):
+        inception_fid(images, images, eval_clip_dir / "model.safetensors")
+    (tmp_path / "junk.pth").write_bytes(b"not a weights file")
+    with pytest.raises(ValueError, match=r"junk.pth: not a readable weights file"):
+        inception_fid(images, images, tmp_path / "junk.pth")
+
+
+def test_fid_network_matches_torch_fidelity(tmp_path):
+    """Where torch-fidelity imports (it needs a working torchvision), its network and ours give the
+    same features from the same file: ours is a copy, layer for layer."""
+    fe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3", exc_type=ImportError)
+    from t2i_recap.evaluate.inception import load_fid_inception
+
+    weights, _ = write_fid_inception_weights(tmp_path, _images(6, seed=2)[0])
+    ref = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
+    x = (torch.rand(2, 3, 40, 56) * 255).to(torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(load_fid_inception(weights)(x), ref(x)[0], rtol=0, atol=1e-5)

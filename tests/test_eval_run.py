@@ -128,6 +128,25 @@ def test_hostile_prompts_are_escaped_everywhere(tmp_path, eval_pipeline_dir):
     assert html.count("<table") == html.count("</table>")
 
 
+def test_fid_through_the_whole_run(tmp_path, eval_pipeline_dir):
+    """FID from a local Inception file against the suite's gold renders: gold images come out far
+    closer to the reference than noise does, and report.json records the number with its settings."""
+    from fixtures_eval import write_fid_inception_weights
+
+    suite = shapes_suite(per_category=1)
+    weights, _ = write_fid_inception_weights(tmp_path, [render(r.gold_scene(), EVAL_RES) for r in suite.records[:6]])
+    fid = {}
+    for name, gen in (("gold", _gold_generator(suite)), ("noise", _noise_generator)):
+        cfg = _cfg(tmp_path / name, eval_pipeline_dir, per_category=1, images_per_prompt=1, reference="gold",
+                   inception_weights=str(weights))
+        report = json.loads(run_eval(cfg, generate=gen).read_text())
+        fid[name] = report["variants"]["raw"]["set_metrics"]["fid"]
+        details = report["variants"]["raw"]["set_details"]["fid"]
+        assert details["antialias"] is False and details["weights"] == str(weights)
+        assert "FID" in (tmp_path / name / "eval" / "report.md").read_text()
+    assert fid["gold"] < 1e-3 * fid["noise"]
+
+
 def test_missing_metric_weights_fail_before_generating(tmp_path, eval_pipeline_dir, capsys):
     rc = cli_main(["eval", "run", "--model", str(eval_pipeline_dir), "--out", str(tmp_path / "o"),
                    "--inception-weights", str(tmp_path / "pt_inception-2015-12-05.pth")])
