@@ -11,7 +11,7 @@ Rows ("variants"; one base plus +levers, e.g. baseline+nomask+compile):
   baseline      the same under bf16 autocast (REFERENCE.md section 4's plain row)
   plain-levers  baseline+nomask+compile (REFERENCE.md's "plain levers": 37% / 32% MFU on an H100)
   project       t2i_recap.models registry + the switches the trainer exposes, stepped the way
-                t2i_recap.trainer steps (objective.loss with its CPU generator, grad clipping)
+                t2i_recap.trainer steps (objective.loss with its per-step device generator, grad clipping)
 Levers: nomask (pass no text mask when nothing is padded: lets SDPA take its flash kernel; with
 --caption-tokens the captions ARE padded and nomask attends to the padding: a speed row only),
 mask (force the all-ones mask), compile, max-autotune (compile mode), cudagraphs (compile mode

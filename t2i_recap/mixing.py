@@ -95,9 +95,6 @@ def trim_padding(emb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, t
     off its flash kernel; passing None instead computes the same attention on the fast kernel.
     Give a CPU mask where you can: reading its extent from a GPU mask waits for the GPU.
     """
-    lengths = mask.sum(dim=1)
-    keep = int(lengths.max().clamp(min=1))
+    keep = int(mask.sum(dim=1).max().clamp(min=1))
     mask = mask[:, :keep]
-    if bool((lengths == keep).all()):
-        return emb[:, :keep], None
-    return emb[:, :keep], mask
+    return emb[:, :keep], (None if bool(mask.all()) else mask)
