@@ -11,6 +11,8 @@ Stages (each resumable; a rerun skips finished ones, see t2i_recap/stages.py):
   train_pX   the tiny DiT at caption-mixing ratio p (p = share of ORIGINAL captions), exported
   eval_pX    the shapes suite on each model, raw and recaptioned prompts
   compare    the paper's Table 7 at toy scale, with bootstrap confidence intervals
+The train_pX and eval_pX stages run as child processes, `workers` of them at once (one per core
+on a 2-core box), each with an equal share of the cores as its torch threads.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -54,6 +58,7 @@ class DemoConfig:
     eval_images_per_prompt: int = 2
     eval_steps: int = 20
     workers: int = 2
+    """Processes for making the shards, and how many train/eval stages run side by side."""
     assets: str | None = None
     """An existing assets folder (`t2i-recap shapes assets`) to use instead of building one under --out."""
     assets_overrides: list[str] = dataclasses.field(default_factory=list)
@@ -76,6 +81,17 @@ def _call(main, argv: list[str]) -> None:
     code = main(argv)
     if code:
         raise SystemExit(f"demo: `{command}` failed with exit code {code}")
+
+
+def _spawn(argv: list[str], threads: int) -> None:
+    """Run `python -m t2i_recap ARGV...` in a child process with `threads` torch threads (unless
+    OMP_NUM_THREADS is set already); a non-zero exit stops the pipeline, naming the command."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    log.info("$ t2i-recap %s  (OMP_NUM_THREADS=%s)", " ".join(argv), env["OMP_NUM_THREADS"])
+    code = subprocess.run([sys.executable, "-m", "t2i_recap", *argv], env=env).returncode
+    if code:
+        raise SystemExit(f"demo: `t2i-recap {' '.join(argv)}` failed with exit code {code}")
 
 
 def _p_name(p: float) -> str:
@@ -177,27 +193,28 @@ class Demo:
         from t2i_recap import prepare
 
         _call(prepare.main, ["--config", str(self.train_config())])
-        return {"cache": str(self.out / "features")}
+        return {"cache": str(self.out / "features"), "train_config": str(self.out / "train_base.yaml")}
 
-    def train(self, p: float) -> dict:
-        from t2i_recap import export, train
+    def _threads(self) -> int:
+        """Torch threads for each child stage: the cores shared by the stages that run at once."""
+        side_by_side = max(1, min(self.cfg.workers, len(self.cfg.p_values)))
+        return max(1, (os.cpu_count() or 1) // side_by_side)
 
+    def train(self, p: float, config: Path) -> dict:
         run_dir = self.out / "runs" / _p_name(p)
         overrides = ["--set", f"mixing.p={p}", "--set", f"trainer.run_dir={run_dir}"]
         resume = ["--resume", "latest"] if (run_dir / "checkpoints").exists() else []
-        _call(train.main, ["--config", str(self.train_config()), *overrides, *resume])
-        _call(export.main, ["--run", str(run_dir), "--out", str(run_dir / "export"), "--overwrite"])
+        _spawn(["train", "--config", str(config), *overrides, *resume], self._threads())
+        _spawn(["export", "--run", str(run_dir), "--out", str(run_dir / "export"), "--overwrite"], self._threads())
         return {"run": str(run_dir), "export": str(run_dir / "export")}
 
     def evaluate(self, p: float) -> dict:
-        from t2i_recap.evaluate import run
-
         run_dir = self.out / "runs" / _p_name(p)
         c = self.cfg
-        _call(run.main, ["--model", str(run_dir / "export"), "--suite", "shapes", "--out", str(run_dir / "eval"),
-                         "--clip", str(self.assets / "clip"), "--recaption", str(self.captioner),
-                         "--per-category", str(c.eval_per_category), "--images-per-prompt",
-                         str(c.eval_images_per_prompt), "--steps", str(c.eval_steps), "--seed", str(c.seed)])
+        _spawn(["eval", "run", "--model", str(run_dir / "export"), "--suite", "shapes", "--out", str(run_dir / "eval"),
+                "--clip", str(self.assets / "clip"), "--recaption", str(self.captioner),
+                "--per-category", str(c.eval_per_category), "--images-per-prompt", str(c.eval_images_per_prompt),
+                "--steps", str(c.eval_steps), "--seed", str(c.seed)], self._threads())
         return {"report": str(run_dir / "eval" / "report.json")}
 
     def compare(self) -> dict:
@@ -232,10 +249,11 @@ class Demo:
         ]
         for p in self.cfg.p_values:
             name = _p_name(p)
-            stages.append(Stage(f"train_{name}", lambda p=p: self.train(p), {"p": p, **train},
-                                self.cfg.train_steps * 0.5, ("prepare",)))
+            # train_base.yaml is written once by `prepare`, so stages running side by side never rewrite it.
+            stages.append(Stage(f"train_{name}", lambda p=p: self.train(p, self.out / "train_base.yaml"),
+                                {"p": p, **train}, self.cfg.train_steps * 0.5, ("prepare",), isolated=True))
             stages.append(Stage(f"eval_{name}", lambda p=p: self.evaluate(p), {"p": p, **evals}, 60,
-                                (f"train_{name}", "captioner")))
+                                (f"train_{name}", "captioner"), isolated=True))
         stages.append(Stage("compare", self.compare, {"p": c["p_values"]}, 5,
                             tuple(f"eval_{_p_name(p)}" for p in self.cfg.p_values)))
         return stages
@@ -281,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "demo_config.yaml")
-    StageRunner(out).run_all(Demo(cfg, out).stages())
+    StageRunner(out).run_all(Demo(cfg, out).stages(), workers=cfg.workers)
     print(summarize(out))
     return 0
 

@@ -59,3 +59,56 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     before = {p: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json")}
     assert demo.main(["--out", str(out), "--quick"]) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json")} == before
+
+
+def test_stage_runner_overlaps_isolated_stages_and_runs_others_alone(tmp_path):
+    import threading
+
+    from t2i_recap.stages import Stage, StageRunner
+
+    active, seen, lock = set(), {}, threading.Lock()
+    both_trains = threading.Barrier(2, timeout=10)  # passes only if the two run at the same time
+
+    def work(name, barrier=None):
+        def run():
+            with lock:
+                active.add(name)
+                seen[name] = set(active)
+            if barrier is not None:
+                barrier.wait()
+            with lock:
+                active.discard(name)
+            return {"name": name}
+        return run
+
+    stages = [Stage("prepare", work("prepare"), {}, 1),
+              Stage("train_a", work("train_a", both_trains), {}, 1, ("prepare",), isolated=True),
+              Stage("train_b", work("train_b", both_trains), {}, 1, ("prepare",), isolated=True),
+              Stage("compare", work("compare"), {}, 1, ("train_a", "train_b"))]
+    summaries = StageRunner(tmp_path).run_all(stages, workers=2)
+    assert set(summaries) == {"prepare", "train_a", "train_b", "compare"}
+    assert seen["prepare"] == {"prepare"} and seen["compare"] == {"compare"}  # alone
+    assert {"train_a", "train_b"} <= seen["train_a"] | seen["train_b"]  # side by side
+    # one worker: the same stages one after the other (a barrier of two would time out)
+    stages[1], stages[2] = (Stage(s.name, work(s.name), {}, 1, s.depends, isolated=True) for s in stages[1:3])
+    seen.clear()
+    StageRunner(tmp_path / "serial").run_all(stages, workers=1)
+    assert all(v == {k} for k, v in seen.items())
+
+
+def test_stage_runner_stops_on_a_failed_stage_and_checks_the_order(tmp_path):
+    from t2i_recap.stages import Stage, StageRunner
+
+    def boom():
+        raise RuntimeError("stage exploded")
+
+    stages = [Stage("a", lambda: {}, {}, 1),
+              Stage("bad", boom, {}, 1, ("a",), isolated=True),
+              Stage("ok", lambda: {"fine": True}, {}, 1, ("a",), isolated=True),
+              Stage("after", lambda: {}, {}, 1, ("bad",))]
+    with pytest.raises(RuntimeError, match="stage exploded"):
+        StageRunner(tmp_path).run_all(stages, workers=2)
+    markers = {p.stem for p in (tmp_path / "stages").glob("*.json")}
+    assert "bad" not in markers and "after" not in markers and "a" in markers
+    with pytest.raises(ValueError, match="listed after what they depend on"):
+        StageRunner(tmp_path / "x").run_all([Stage("b", lambda: {}, {}, 1, ("a",)), Stage("a", lambda: {}, {}, 1)])
