@@ -48,7 +48,8 @@ class DataConfig:
     shards: str = ""
     """Input shards (folder, glob or brace pattern) in img2dataset webdataset layout."""
     caption_field: str = "gold_caption"
-    """Key of the per-sample json holding the target caption; "txt" reads the `.txt` member."""
+    """Key of the per-sample json holding the target caption, or a list of captions (one training pair
+    each, e.g. `gold_captions`); "txt" reads the `.txt` member."""
     curated_only: bool = True
     """Use only samples whose json has `curated: true` (the shapes world's gold subset)."""
     max_samples: int | None = None
@@ -258,18 +259,20 @@ def read_pairs(cfg: DataConfig) -> tuple[list[Pair], Counter]:
     skipped: Counter = Counter()
     for shard in expand_shards(cfg.shards):
         for sample in iter_tar_samples(shard):
-            pair, reason = _to_pair(sample, cfg)
-            if pair is not None:
-                pairs.append(pair)
+            found, reason = _to_pairs(sample, cfg)
+            if found is not None:
+                pairs.extend(found)
             elif reason != "not curated":
                 log.warning("%s/%s skipped: %s", shard.name, sample.key, reason)
-            skipped[reason] += pair is None
+            skipped[reason] += found is None
             if cfg.max_samples and len(pairs) >= cfg.max_samples:
                 return pairs, +skipped
     return pairs, +skipped
 
 
-def _to_pair(sample, cfg: DataConfig) -> tuple[Pair | None, str]:
+def _to_pairs(sample, cfg: DataConfig) -> tuple[list[Pair] | None, str]:
+    """The sample's (image, caption) pairs: one per caption when the field holds a list (COCO-style
+    several captions per image, e.g. the shapes world's `gold_captions`), else one."""
     if sample.error:
         return None, sample.error
     try:
@@ -278,8 +281,9 @@ def _to_pair(sample, cfg: DataConfig) -> tuple[Pair | None, str]:
         return None, f"unreadable json: {exc}"
     if cfg.curated_only and meta.get("curated") is not True:
         return None, "not curated"
-    caption = _field(sample.files, meta, cfg.caption_field)
-    if not isinstance(caption, str) or not caption.strip():
+    value = _field(sample.files, meta, cfg.caption_field)
+    captions = [c.strip() for c in (value if isinstance(value, list) else [value]) if isinstance(c, str) and c.strip()]
+    if not captions:
         return None, f"no caption in field {cfg.caption_field!r}"
     ext = next((e for e in IMAGE_EXTS if e in sample.files), None)
     if ext is None:
@@ -289,7 +293,7 @@ def _to_pair(sample, cfg: DataConfig) -> tuple[Pair | None, str]:
     except BadImage as exc:
         return None, str(exc)
     org = _field(sample.files, meta, "txt") or meta.get("caption") or ""
-    return Pair(sample.key, image, caption.strip(), org), ""
+    return [Pair(sample.key, image, c, org) for c in captions], ""
 
 
 def _field(files: dict, meta: dict, name: str):

@@ -147,6 +147,20 @@ def test_bad_samples_are_skipped_with_their_reason(shapes_shards, tmp_path):
     assert "unreadable json" in reasons
 
 
+def test_a_list_field_gives_one_pair_per_caption(tmp_path):
+    from t2i_recap.shapes.make import make_dataset
+
+    make_dataset(tmp_path / "shards", 16, curated_fraction=0.25, gold_captions=3, progress=False)
+    pairs, _ = finetune.read_pairs(finetune.DataConfig(shards=str(tmp_path / "shards"), caption_field="gold_captions"))
+    assert len(pairs) == 4 * 3 and len({p.key for p in pairs}) == 4
+    by_key = {}
+    for p in pairs:
+        by_key.setdefault(p.key, []).append(p.caption)
+    assert all(len(set(c)) > 1 for c in by_key.values())  # other wordings of one image
+    single, _ = finetune.read_pairs(finetune.DataConfig(shards=str(tmp_path / "shards")))
+    assert [p.caption for p in single] == [c[0] for c in by_key.values()]
+
+
 def test_bad_config_values_name_the_key(tmp_path):
     from t2i_recap.config import ConfigError
 

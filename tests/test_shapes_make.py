@@ -179,3 +179,29 @@ def test_readable_by_hf_datasets(shapes_shards, tmp_path, monkeypatch):
     table = datasets.load_dataset("parquet", data_files=str(shapes_shards / "00000.parquet"), split="train",
                                   cache_dir=str(tmp_path))
     assert table["key"][:2] == ["000000000", "000000001"]
+
+
+def test_several_gold_wordings_per_curated_sample_change_nothing_else(tmp_path):
+    one = make_dataset(tmp_path / "one", 40, curated_fraction=0.25, progress=False)
+    five = make_dataset(tmp_path / "five", 40, curated_fraction=0.25, gold_captions=5, progress=False)
+    assert one["curated"] == five["curated"] == 10
+    for a, b in zip(_samples(tmp_path / "one"), _samples(tmp_path / "five")):
+        assert a.files["png"] == b.files["png"] and a.files["txt"] == b.files["txt"]
+        ma, mb = json.loads(a.files["json"]), json.loads(b.files["json"])
+        assert ma["gold_caption"] == mb["gold_caption"]
+        if not mb["curated"]:
+            assert ma["gold_captions"] is mb["gold_captions"] is None
+            continue
+        assert ma["gold_captions"] == [ma["gold_caption"]]
+        wordings = mb["gold_captions"]
+        assert len(wordings) == 5 and wordings[0] == mb["gold_caption"] and len(set(wordings)) > 1
+        scene = Scene.from_dict(mb["scene"])
+        assert all(parse_caption(w).scene == scene for w in wordings)  # other words, the same scene
+    table = pq.read_table(tmp_path / "five" / "00000.parquet").to_pylist()
+    assert sum(len(r["gold_captions"] or []) for r in table) == 50
+    # shards made before the option existed record no gold_captions: read as the default (1)
+    stats = tmp_path / "one" / "00000_stats.json"
+    data = json.loads(stats.read_text())
+    del data["args"]["gold_captions"]
+    stats.write_text(json.dumps(data))
+    assert make_dataset(tmp_path / "one", 40, curated_fraction=0.25, progress=False)["skipped_shards"] == 1

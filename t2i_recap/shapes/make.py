@@ -45,6 +45,7 @@ PARQUET_SCHEMA = pa.schema([
     ("error_message", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
     ("original_width", pa.int32()), ("original_height", pa.int32()), ("sha256", pa.string()),
     ("scene", pa.string()), ("gold_caption", pa.string()), ("curated", pa.bool_()),
+    ("gold_captions", pa.list_(pa.string())),
 ])
 
 
@@ -59,8 +60,13 @@ class MakeArgs:
     shard_size: int = 1000
     image_format: str = "png"
     jpeg_quality: int = 95
+    gold_captions: int = 1
+    """Gold captions per curated sample (as COCO has 5 per image): the first is `gold_caption`, the
+    others other wordings of the same scene, listed in `gold_captions`."""
 
     def __post_init__(self) -> None:
+        if self.gold_captions < 1:
+            raise ValueError(f"gold_captions must be >= 1, got {self.gold_captions}")
         if not 0.0 <= self.curated_fraction <= 1.0:
             raise ValueError(f"curated_fraction must be in [0, 1], got {self.curated_fraction}")
         if not 1 <= self.shard_size <= MAX_SHARD_SIZE:
@@ -84,6 +90,8 @@ class ShapesSample:
     web_caption: str
     gold_caption: str
     curated: bool
+    more_gold: tuple[str, ...] = ()
+    """Further gold wordings of the scene (MakeArgs.gold_captions - 1 of them)."""
 
 
 def is_curated(index: int, fraction: float) -> bool:
@@ -91,13 +99,18 @@ def is_curated(index: int, fraction: float) -> bool:
     return math.floor((index + 1) * fraction + 1e-9) > math.floor(index * fraction + 1e-9)
 
 
-def make_sample(index: int, seed: int = 0, split: str = "train", curated_fraction: float = 0.1) -> ShapesSample:
-    """The sample at `index`; a string seed makes Python's RNG hash it with SHA-512, stable everywhere."""
-    rng = random.Random(f"t2i-recap/shapes/{split}/{seed}/{index}")
+def make_sample(index: int, seed: int = 0, split: str = "train", curated_fraction: float = 0.1,
+                gold_captions: int = 1) -> ShapesSample:
+    """The sample at `index`; a string seed makes Python's RNG hash it with SHA-512, stable everywhere.
+    Extra gold wordings come from their own streams, so asking for them changes nothing else."""
+    base = f"t2i-recap/shapes/{split}/{seed}/{index}"
+    rng = random.Random(base)
     scene = sample_scene(rng)
     web = web_caption(scene, rng)
     gold = gold_caption(scene, rng)  # drawn for every sample so the curated share changes nothing else
-    return ShapesSample(index, scene, web, gold, is_curated(index, curated_fraction))
+    curated = is_curated(index, curated_fraction)
+    more = tuple(gold_caption(scene, random.Random(f"{base}/gold/{j}")) for j in range(1, gold_captions)) if curated else ()
+    return ShapesSample(index, scene, web, gold, curated, more)
 
 
 def _encode(scene: Scene, args: MakeArgs) -> bytes:
@@ -134,6 +147,7 @@ def _sample_record(sample: ShapesSample, key: str, image: bytes, args: MakeArgs)
         # Present (null / false) in every sample so readers that infer a schema see one.
         "gold_caption": sample.gold_caption if sample.curated else None,
         "curated": sample.curated,
+        "gold_captions": [sample.gold_caption, *sample.more_gold] if sample.curated else None,
     }
 
 
@@ -148,7 +162,7 @@ def write_shard(out: Path, shard: int, num: int, args: MakeArgs, progress=None) 
     rows = []
     with atomic_path(out / f"{shard:05d}.tar") as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for index in indices:
-            sample = make_sample(index, args.seed, args.split, args.curated_fraction)
+            sample = make_sample(index, args.seed, args.split, args.curated_fraction, args.gold_captions)
             key = f"{shard:05d}{index - indices.start:04d}"
             image = _encode(sample.scene, args)
             record = _sample_record(sample, key, image, args)
@@ -175,7 +189,8 @@ def _shard_done(out: Path, shard: int, num: int, args: MakeArgs) -> bool:
     if not stats_path.exists():
         return False
     stats = json.loads(stats_path.read_text())
-    recorded = stats.get("args", {})
+    # A field missing from the record was added later: its default is what made that shard.
+    recorded = dataclasses.asdict(MakeArgs()) | stats.get("args", {})
     differing = {k: (recorded.get(k), v) for k, v in dataclasses.asdict(args).items() if recorded.get(k) != v}
     if differing:
         details = ", ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in differing.items())
@@ -200,9 +215,9 @@ def _write_shard_job(job: tuple[str, int, int, MakeArgs]) -> int:
 def make_dataset(out: str | Path, num: int, seed: int = 0, *, curated_fraction: float = 0.1,
                  resolution: int = 32, shard_size: int = 1000, image_format: str = "png",
                  split: str = "train", jpeg_quality: int = 95, workers: int = 1,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, gold_captions: int = 1) -> dict:
     """Write `num` samples as shards under `out`; finished shards are skipped. Returns a summary."""
-    args = MakeArgs(seed, split, curated_fraction, resolution, shard_size, image_format, jpeg_quality)
+    args = MakeArgs(seed, split, curated_fraction, resolution, shard_size, image_format, jpeg_quality, gold_captions)
     if num < 1:
         raise ValueError(f"num must be at least 1, got {num}")
     num_shards = math.ceil(num / shard_size)
@@ -243,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     p.add_argument("--curated-fraction", type=float, default=0.1,
                    help="share of samples that also carry a gold dense caption (default 0.1)")
+    p.add_argument("--gold-captions", type=int, default=1,
+                   help="gold captions per curated sample, in other wordings (default 1; COCO has 5)")
     p.add_argument("--resolution", type=int, default=32, help="image side in pixels (default 32)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (max 10000)")
     p.add_argument("--image-format", choices=IMAGE_FORMATS, default="png")
@@ -263,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                                resolution=ns.resolution, shard_size=ns.shard_size,
                                image_format=ns.image_format, split=ns.split,
                                jpeg_quality=ns.jpeg_quality, workers=ns.workers,
-                               progress=not ns.no_progress)
+                               progress=not ns.no_progress, gold_captions=ns.gold_captions)
     except ValueError as exc:
         parser.error(str(exc))
     print(f"wrote {summary['num']} samples ({summary['curated']} curated) in {summary['shards']} shards to "
