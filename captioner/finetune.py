@@ -24,6 +24,7 @@ import shutil
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -142,8 +143,22 @@ class TrainSettings:
     """Stop after this many steps (None: run all epochs); the schedule is laid out for the steps run."""
     seed: int = 0
     """Shuffling seed."""
+    device: str = "auto"
+    """Where to train: "auto" (the first CUDA GPU when there is one, else the CPU), "cpu", "cuda", "cuda:1"."""
+    mixed_precision: Literal["no", "bf16"] = "no"
+    """bf16 autocast of the forward pass on a GPU (weights and AdamW stay fp32); ignored on the CPU."""
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"train.device={self.device!r}, but torch sees no CUDA GPU here; use auto or cpu")
+        return device
 
     def __post_init__(self):
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.epochs < 1 or self.batch_size < 1:
@@ -412,23 +427,34 @@ def cache_vision_features(model, examples: list[Example], chunk: int = 256) -> N
     tower = llava.model.vision_tower
     for i in range(0, len(examples), chunk):
         part = examples[i : i + chunk]
-        hidden = tower(torch.stack([e.pixel_values for e in part]), output_hidden_states=True).hidden_states
+        pixels = torch.stack([e.pixel_values for e in part]).to(tower.device)
+        hidden = tower(pixels, output_hidden_states=True).hidden_states
         feats = torch.cat([hidden[k] for k in layers], dim=-1)
         if cfg.vision_feature_select_strategy == "default":
             feats = feats[:, 1:]
-        for e, f in zip(part, feats):
+        for e, f in zip(part, feats.cpu()):
             e.vision, e.pixel_values = f.clone(), None
 
 
-def forward(model, batch: dict):
-    """The model's forward; cached vision features go through the (trainable) projector here."""
+def forward(model, batch: dict) -> torch.Tensor:
+    """The answer loss (mean next-token cross-entropy over the labelled tokens, as transformers'
+    causal-LM loss). Cached vision features go through the (trainable) projector here. Logits are
+    made only where a label is: the prompt and image tokens (two thirds of the shapes captioner's
+    sequence) never reach the vocabulary projection."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+    batch = dict(batch)
+    labels = batch.pop("labels")
+    llava = llava_of(model)
     feats = batch.pop("vision_features", None)
     if feats is not None:
-        projected = llava_of(model).model.multi_modal_projector(feats)
+        projected = llava.model.multi_modal_projector(feats)
         batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=list(projected))}
-    return model(**batch)
+    hidden = llava.model(**batch, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = llava.lm_head(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
 
 
 # ----------------------------------------------------------------------------- training
@@ -497,8 +523,12 @@ def train(model, batcher: Batcher, examples: list[Example], o: TrainSettings) ->
     epoch_losses: dict[int, list[float]] = {}
     start = time.perf_counter()
     bar = tqdm(total=total, desc="finetune", unit="step")
+    device = next(model.parameters()).device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and o.mixed_precision == "bf16")
     for epoch, idx in batches(examples, o):
-        loss = forward(model, batcher.collate([examples[j] for j in idx])).loss
+        batch = {k: v.to(device, non_blocking=True) for k, v in batcher.collate([examples[j] for j in idx]).items()}
+        with autocast:
+            loss = forward(model, batch)
         loss.backward()
         if o.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
@@ -515,7 +545,7 @@ def train(model, batcher: Batcher, examples: list[Example], o: TrainSettings) ->
     log.info("mean answer loss per epoch: %s", ", ".join(f"{v:.4f}" for v in means.values()))
     return {"steps": total, "epochs_run": len(means), "seconds": round(time.perf_counter() - start, 1),
             "first_loss": losses[0], "final_loss": means[max(means)], "epoch_losses": list(means.values()),
-            "trainable_parameters": sum(p.numel() for p in params)}
+            "trainable_parameters": sum(p.numel() for p in params), "device": str(device)}
 
 
 def save(model, processor, out: Path, cfg: FinetuneConfig, summary: dict) -> None:
@@ -543,7 +573,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path) -> dict:
         raise ValueError(f"{cfg.data.shards}: no usable (image, caption) pairs (skipped: {dict(skipped)})")
     log.info("%d pairs from %s (skipped: %s)", len(pairs), cfg.data.shards, dict(skipped))
     model, processor = load_captioner(cfg.model) if cfg.model else build_captioner(cfg.build)
-    model = set_trainable(model, cfg)
+    model = set_trainable(model, cfg).to(cfg.train.resolved_device())
     batcher = Batcher(processor, cfg.prompt_preset, cfg.train.max_length)
     examples = batcher.encode(pairs)
     if cfg.train.freeze_vision:
@@ -552,7 +582,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path) -> dict:
     summary.update(pairs=len(pairs), skipped=dict(skipped), captions_truncated=batcher.truncated,
                    lora=("merged" if cfg.lora.merge else "merged + adapter/") if cfg.lora.enabled else None,
                    config=to_dict(cfg))
-    save(model, processor, out, cfg, summary)
+    save(model.cpu(), processor, out, cfg, summary)
     log.info("saved the captioner to %s (final answer loss %.4f, %.0f s)", out, summary["final_loss"],
              summary["seconds"])
     return summary

@@ -59,6 +59,35 @@ def test_labels_cover_the_answer_only_and_prompt_matches_the_backend(shapes_shar
     assert torch.allclose(backend._inputs([pairs[0].image], [RECAP_PROMPT])["pixel_values"][0], examples[0].pixel_values)
 
 
+def test_answer_only_logits_give_transformers_own_loss(shapes_shards, captioner_clip_dir):
+    """`forward` projects only the labelled positions to the vocabulary; the loss must be the one
+    LlavaForConditionalGeneration computes over every position, with pixels or cached features."""
+    cfg = _cfg(shapes_shards, captioner_clip_dir)
+    pairs, _ = finetune.read_pairs(cfg.data)
+    model, processor = finetune.build_captioner(cfg.build)
+    batcher = finetune.Batcher(processor, "recap", cfg.train.max_length)
+    examples = batcher.encode(pairs[:4])
+    with torch.no_grad():
+        batch = batcher.collate(examples)
+        reference = model(**batch).loss
+        assert reference.item() > 0
+        torch.testing.assert_close(finetune.forward(model, batch), reference, rtol=1e-5, atol=1e-6)
+        finetune.cache_vision_features(model, examples)
+        cached = batcher.collate(examples)
+        assert "vision_features" in cached and "pixel_values" not in cached
+        torch.testing.assert_close(finetune.forward(model, cached), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_device_setting(monkeypatch):
+    assert finetune.TrainSettings(device="cpu").resolved_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert finetune.TrainSettings().resolved_device() == torch.device("cpu")  # auto without a GPU
+    with pytest.raises(ValueError, match="train.device='cuda'.*no CUDA"):
+        finetune.TrainSettings(device="cuda").resolved_device()
+    with pytest.raises(ValueError, match="mixed_precision"):
+        finetune.TrainSettings(mixed_precision="fp8")
+
+
 def test_finetune_cli_saves_a_standard_folder_that_generates(shapes_shards, captioner_clip_dir, tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 

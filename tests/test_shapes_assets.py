@@ -231,3 +231,62 @@ def test_fingerprint_tracks_settings_not_gates():
     assert part_fingerprints(AssetsConfig(min_clip_r_at_1=0.9)) == base  # gates re-check, never retrain
     changed = part_fingerprints(AssetsConfig(clip=ClipTrainConfig(steps=301)))
     assert changed["clip"] != base["clip"] and changed["vae"] == base["vae"]
+
+
+# ---------------------------------------------------------------- the prebuilt parts shipped with the package
+
+
+def test_prebuilt_matches_this_code():
+    """The shipped parts were built by this code with the default settings; editing the world,
+    the renderer or a trainer without rebuilding them fails here, not silently in a demo."""
+    from t2i_recap.shapes.assets import PREBUILT
+
+    shipped = read_manifest(PREBUILT)
+    assert shipped["complete"], f"{PREBUILT}/assets.json is missing or incomplete"
+    portable = part_fingerprints(AssetsConfig(), libraries=False)
+    stale = [p for p in portable if shipped["parts"][p].get("portable_fingerprint") != portable[p]]
+    assert not stale, (f"prebuilt {stale} no longer match the code: rebuild them with `t2i-recap shapes assets "
+                       f"--out DIR --no-prebuilt` and copy DIR's parts and assets.json (with portable fingerprints) "
+                       f"to {PREBUILT}")
+    assert gate_failures(PREBUILT) == []
+
+
+def test_prebuilt_is_copied_not_trained(tmp_path, monkeypatch):
+    from t2i_recap.shapes import assets
+
+    def refuse(folder, cfg, out):
+        raise AssertionError("trained a part the package ships")
+
+    monkeypatch.setattr(assets, "_BUILDERS", {p: refuse for p in assets.PARTS})
+    out = build_assets(tmp_path / "a")
+    manifest = read_manifest(out)
+    assert manifest["complete"] and manifest["fingerprint"] == read_manifest(assets.PREBUILT)["fingerprint"]
+    for part, name in [("clip", "model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors")]:
+        assert (out / part / name).read_bytes() == (assets.PREBUILT / part / name).read_bytes()
+        assert manifest["parts"][part]["copied_from"] == str(assets.PREBUILT)
+    build_assets(out)  # now reused in place, not copied again
+    assert read_manifest(out)["parts"] == manifest["parts"]
+
+
+def test_prebuilt_that_does_not_match_or_load_is_not_used(tmp_path, monkeypatch):
+    import shutil
+
+    from t2i_recap.shapes import assets
+
+    prebuilt = tmp_path / "prebuilt"
+    shutil.copytree(assets.PREBUILT, prebuilt)
+    (prebuilt / "vae" / "config.json").write_text("{not json")
+    built = []
+
+    def record(folder, cfg, out, part):
+        built.append(part)
+        raise RuntimeError(f"would build {part}")
+
+    monkeypatch.setattr(assets, "_BUILDERS", {p: (lambda f, c, o, p=p: record(f, c, o, p)) for p in assets.PARTS})
+    with pytest.raises(RuntimeError, match="would build vae"):  # broken: built, never copied
+        build_assets(tmp_path / "a", prebuilt=prebuilt)
+    assert built == ["vae"] and read_manifest(tmp_path / "a")["parts"]["clip"]["copied_from"] == str(prebuilt)
+    with pytest.raises(RuntimeError, match="would build clip"):  # other settings: the clip is built
+        build_assets(tmp_path / "b", _tiny_config(), prebuilt=prebuilt)
+    with pytest.raises(RuntimeError, match="would build tokenizer"):  # --no-prebuilt
+        build_assets(tmp_path / "c", prebuilt=None)

@@ -5,6 +5,12 @@ DIR/clip       CLIPModel + tokenizer + CLIPImageProcessor (the paper's Recap-CLI
 DIR/vae        AutoencoderKL with a measured scaling_factor
 DIR/assets.json  fingerprints, quality numbers, seeds, timings
 
+The package ships one prebuilt set (`t2i_recap/shapes/prebuilt/`, 1.9 MB of safetensors and JSON,
+made by this command with the default AssetsConfig): a part that is neither in DIR nor reusable
+there is copied from it when its portable fingerprint (settings, code, but not the library
+versions) matches and it loads here, the way a real pipeline downloads a pretrained CLIP and VAE
+instead of training them. `--no-prebuilt` (or other settings) builds from scratch (~15 min here).
+
 Each part has a fingerprint (its settings, the source of the code that shapes it, library
 versions); a part whose fingerprint matches and which loads is reused, any other is rebuilt in a
 temporary folder and renamed into place, and assets.json is rewritten after each part, so an
@@ -38,6 +44,7 @@ log = get_logger(__name__)
 # Bump when the layout of the folder or the meaning of a setting changes.
 ASSETS_VERSION = 1
 MANIFEST = "assets.json"
+PREBUILT = Path(__file__).resolve().parent / "prebuilt"
 PARTS = ("tokenizer", "clip", "vae")
 # Modules whose source decides what each part learns or how it is scored: editing them
 # invalidates that part (the shapes world itself, the trainers, the oracle behind the VAE gate).
@@ -103,8 +110,10 @@ def _hash(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def part_fingerprints(cfg: AssetsConfig) -> dict[str, str]:
-    """One fingerprint per part; the CLIP's includes the tokenizer's (it is trained on its ids)."""
+def part_fingerprints(cfg: AssetsConfig, libraries: bool = True) -> dict[str, str]:
+    """One fingerprint per part; the CLIP's includes the tokenizer's (it is trained on its ids).
+    `libraries=False` leaves out the library versions: the portable fingerprint a prebuilt part is
+    matched by (weights saved as safetensors load across versions; `_loads` checks they do)."""
     settings = {
         "tokenizer": {},
         "clip": {"seed": cfg.seed, "resolution": cfg.resolution, "clip": to_dict(cfg.clip)},
@@ -114,7 +123,8 @@ def part_fingerprints(cfg: AssetsConfig) -> dict[str, str]:
     for part in PARTS:
         out[part] = _hash({
             "version": ASSETS_VERSION, "settings": settings[part],
-            "sources": _source_hash(PART_SOURCES[part]), "libraries": _library_versions(PART_LIBRARIES[part]),
+            "sources": _source_hash(PART_SOURCES[part]),
+            "libraries": _library_versions(PART_LIBRARIES[part]) if libraries else None,
             "upstream": out.get("tokenizer") if part == "clip" else None,
         })
     return out
@@ -269,16 +279,35 @@ def gate_failures(out_dir: str | Path, cfg: AssetsConfig | None = None) -> list[
 # ---------------------------------------------------------------- API
 
 
-def build_assets(out_dir: str | Path, config: AssetsConfig | None = None, *, force: bool = False) -> Path:
+def _prebuilt_part(part: str, portable: str, prebuilt: Path) -> dict | None:
+    """The prebuilt part's manifest entry when it matches `portable` and loads here, else None."""
+    entry = read_manifest(prebuilt).get("parts", {}).get(part)
+    if not entry or entry.get("portable_fingerprint") != portable:
+        return None
+    return entry if _loads(part, prebuilt / part) else None
+
+
+def _copy_part(src: Path) -> Callable[[Path], None]:
+    def copy(folder: Path) -> None:
+        shutil.copytree(src, folder, dirs_exist_ok=True)
+    return copy
+
+
+def build_assets(out_dir: str | Path, config: AssetsConfig | None = None, *, force: bool = False,
+                 prebuilt: str | Path | None = PREBUILT) -> Path:
     """Build (or reuse) the tokenizer, CLIP and VAE under `out_dir`; returns `out_dir` as a Path.
 
-    A part is reused when its fingerprint matches assets.json and it loads; `force` rebuilds all.
+    A part is reused when its fingerprint matches assets.json and it loads; else it is copied from
+    `prebuilt` when that folder holds the same part (portable fingerprint) and it loads; else it is
+    built. `force` rebuilds all (no reuse, no prebuilt); `prebuilt=None` never copies.
     Quality gates are recorded, not enforced: see `gate_failures` (the CLI exits non-zero on them).
     """
     cfg = config or AssetsConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fingerprints = part_fingerprints(cfg)
+    portable = part_fingerprints(cfg, libraries=False)
+    prebuilt = None if force or prebuilt is None or Path(prebuilt).resolve() == out.resolve() else Path(prebuilt)
     with _locked(out):
         parts = dict(read_manifest(out).get("parts", {}))
         for part in PARTS:
@@ -286,11 +315,20 @@ def build_assets(out_dir: str | Path, config: AssetsConfig | None = None, *, for
             if not force and old.get("fingerprint") == fingerprints[part] and _loads(part, out / part):
                 log.info("%s: reusing %s (fingerprint %s)", out, part, fingerprints[part])
                 continue
+            shipped = _prebuilt_part(part, portable[part], prebuilt) if prebuilt else None
+            if shipped is not None:
+                log.info("%s: copying the prebuilt %s from %s (built %s, portable fingerprint %s)", out, part,
+                         prebuilt, shipped.get("built_at"), portable[part])
+                _build_dir(out, part, _copy_part(prebuilt / part))
+                parts[part] = {**shipped, "fingerprint": fingerprints[part], "copied_from": str(prebuilt)}
+                _write_manifest(out, cfg, parts, fingerprints)
+                continue
             log.info("%s: building %s", out, part)
             start, cpu = time.perf_counter(), time.process_time()
             quality = _build_dir(out, part, lambda folder, p=part: _BUILDERS[p](folder, cfg, out))
             parts[part] = {
                 "fingerprint": fingerprints[part],
+                "portable_fingerprint": portable[part],
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "seconds": round(time.perf_counter() - start, 2),
                 "cpu_seconds": round(time.process_time() - cpu, 2),
@@ -322,6 +360,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="override one setting, e.g. --set clip.steps=500 (repeatable)")
     p.add_argument("--seed", type=int, help="shorthand for --set seed=N")
     p.add_argument("--force", action="store_true", help="rebuild every part even if the cache matches")
+    p.add_argument("--no-prebuilt", action="store_true",
+                   help="never copy the parts shipped with the package; build what is missing (~15 min)")
     return p
 
 
@@ -335,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"t2i-recap shapes assets: {exc}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    out = build_assets(args.out, cfg, force=args.force)
+    out = build_assets(args.out, cfg, force=args.force, prebuilt=None if args.no_prebuilt else PREBUILT)
     manifest = read_manifest(out)
     print(f"shapes assets in {out} ({time.perf_counter() - start:.1f}s, fingerprint {manifest['fingerprint']})")
     print(format_quality(manifest, cfg))
