@@ -17,6 +17,9 @@
 #   b4-clip    train_step.py: DiT-B/4, CLIP-L text only, 3 rows        (a short lease's first call)
 #   xl2-clip   train_step.py: DiT-XL/2, CLIP-L text only, 3 rows
 #   caption-2  caption_throughput.py: 8B LLaVA shape, batches 64 128, 2 timed batches each
+#   fsdp       gpu_fsdp_check.sh: the trainer under accelerate's FSDP2 on this GPU (1 process)  (~2 min)
+#   caption-sweep  captioner_sweep.py: the tiny shapes captioner, 6 decoder variants at once on
+#              the GPU, caption fidelity of each (issue 4); sweep.md + best_captioner.tar    (~6 min)
 #   all        every part above, in that order (more than one 10-minute device call: split it)
 # Minutes are estimates, not measurements. With the device tool, one call per plan line, in order
 # of the issue's priorities, each started right after the last (a machine stays warm for 30 s):
@@ -149,6 +152,12 @@ part() {
     xl2-clip) run xl2-clip 360 "$PY" "$t" --sizes paper --models DiT-XL/2 --texts clip-l --keep-going $(common_args) ;;
     caption-2) run caption-2 300 "$PY" benchmarks/caption_throughput.py --shape 8b --batch-sizes 64 128 --repeats 2 \
       --weights-dir /tmp/bench-llava --keep-going $(common_args) ;;
+    fsdp) run fsdp 200 bash benchmarks/gpu_fsdp_check.sh ;;
+    caption-sweep)
+      run caption-sweep 420 "$PY" -P benchmarks/captioner_sweep.py --out /tmp/caption-sweep --device cuda \
+        --num-train "${SWEEP_TRAIN:-10000}" --epochs "${SWEEP_EPOCHS:-3}" --parallel 6 --timeout 330 \
+        --variants l2h128 l4h128 l4h256 l6h256 l8h256 l4h256-tower --pack "$OUT/best_captioner.tar"
+      [ "$DRY" = 1 ] || cp /tmp/caption-sweep/sweep.md /tmp/caption-sweep/sweep.json "$OUT/" 2>/dev/null ;;
     data) run data 300 "$PY" benchmarks/data_cpu.py --samples 1000 --image-size 512 --device cpu \
       --markdown "$OUT/tables.md" --json "$OUT/results.jsonl" ;;
   esac
@@ -160,7 +169,7 @@ main() {
     case "$a" in
       --fetch-wheels) fetch_wheels; exit $? ;;
       --dry-run) DRY=1 ;;
-      -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+      -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
       all) parts+=(env smoke train-b4 train-b2 train-xl2 train-pad e2e caption data) ;;
       *) parts+=("$a") ;;
     esac
@@ -168,8 +177,8 @@ main() {
   [ ${#parts[@]} -gt 0 ] || parts=(env smoke train-b4 train-b2 train-xl2 train-pad e2e caption data)
   for p in "${parts[@]}"; do
     case "$p" in
-      env|smoke|train-b4|train-b2|train-xl2|train-pad|e2e|caption|data|b4-clip|xl2-clip|caption-2) ;;
-      *) echo "unknown part '$p' (env smoke train-b4 train-b2 train-xl2 train-pad e2e caption data b4-clip xl2-clip caption-2 all)" >&2
+      env|smoke|train-b4|train-b2|train-xl2|train-pad|e2e|caption|data|b4-clip|xl2-clip|caption-2|fsdp|caption-sweep) ;;
+      *) echo "unknown part '$p' (env smoke train-b4 train-b2 train-xl2 train-pad e2e caption data b4-clip xl2-clip caption-2 fsdp caption-sweep all)" >&2
          exit 2 ;;
     esac
   done

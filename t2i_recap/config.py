@@ -47,6 +47,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(f"{where}: {value!r} is not a valid {_type_name(tp)}")
     if origin is typing.Literal:
+        # YAML 1.1 reads a bare no/off/yes/on as a bool: `--set trainer.mixed_precision=no` means "no".
+        if isinstance(value, bool):
+            words = [w for w in (("no", "off", "false") if not value else ("yes", "on", "true")) if w in args]
+            value = words[0] if words else value
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
         return value

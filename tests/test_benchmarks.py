@@ -209,3 +209,26 @@ def test_tiny_captioner_stops_at_once_unless_forced():
     eos = processor.tokenizer.eos_token_id
     assert [ct.tokens_before_eos(r, eos) for r in free.tolist()] == [0, 0]
     assert plain.caption(ct.web_images(2)) == [5, 5]
+
+
+@pytest.mark.slow
+def test_captioner_sweep_tiny(tmp_path):
+    """The GPU sweep of issue 4 at smoke size on the CPU: worlds made, two variants fine-tuned side
+    by side, each scored by `caption fidelity`, the table printed and the best one packed."""
+    import tarfile
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
+    pack = tmp_path / "best.tar"
+    proc = subprocess.run([sys.executable, str(BENCH / "captioner_sweep.py"), "--out", str(tmp_path / "sweep"),
+                           "--tiny", "--variants", "l2h128", "l4h128", "--pack", str(pack)],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    header, body = table(proc.stdout)
+    assert "exact 1-2 obj" in header and [row[0] for row in body] == ["l2h128", "l4h128"]
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"]
+    for row in rows:
+        assert row["finetune_exit"] == 0 and row["steps"] == 3 and 0.0 <= row["exact_1_2"] <= 1.0
+        assert row["n_1_2"] > 0
+    with tarfile.open(pack) as tar:
+        names = tar.getnames()
+    assert any(n.endswith("model.safetensors") for n in names) and any(n.endswith("fidelity.json") for n in names)

@@ -98,3 +98,14 @@ def test_every_config_file_loads(path):
     cls = config_class_for(path)
     cfg = load_config(cls, path)
     assert dataclasses.is_dataclass(cfg)
+
+
+def test_yaml_bare_no_reads_as_the_literal_word():
+    """`--set trainer.mixed_precision=no`: YAML 1.1 parses `no` as False; a Literal field that
+    allows "no" takes the word, any other field keeps rejecting a bool."""
+    from t2i_recap.train_config import TrainConfig
+
+    cfg = load_config(TrainConfig, None, ["trainer.mixed_precision=no"])
+    assert cfg.trainer.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        load_config(TrainConfig, None, ["trainer.mixed_precision=yes"])  # True: no such word allowed
