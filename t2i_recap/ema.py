@@ -1,4 +1,9 @@
-"""Exponential moving average of the model's weights (fp32 shadow copy), saved beside the model."""
+"""Exponential moving average of the model's weights (fp32 shadow copy), saved beside the model.
+
+Under FSDP2 the shadow is built from the sharded parameters, so each rank keeps the DTensor shard
+placed like its parameter and `lerp_` stays local; `state_dict` gathers full tensors and
+`load_state_dict` cuts them, so under FSDP every rank calls both.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import dataclasses
 from typing import Iterator
 
 import torch
+
+from t2i_recap.fsdp import gathered, shard_like
 
 
 @dataclasses.dataclass
@@ -33,14 +40,15 @@ class EMA:
                 self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.shadow)
+        """Full tensors (a DTensor shard is gathered to the CPU, one at a time)."""
+        return {n: gathered(v) for n, v in self.shadow.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(self.shadow) - set(state)
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
-        for name in self.shadow:
-            self.shadow[name].copy_(state[name])
+        for name, shadow in self.shadow.items():
+            shadow.copy_(shard_like(shadow, state[name]))
 
     @contextlib.contextmanager
     def applied(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:

@@ -3,6 +3,10 @@
 Every random draw of a step (noise, timesteps, posterior sample, caption mix, CFG dropout) comes from
 a generator seeded by (seed, rank, step, micro-batch), and the data stream resumes from its cursor,
 so a resumed run repeats exactly what an uninterrupted one would have done.
+
+Under accelerate's FSDP2 the model, the optimizer state and the EMA are DTensor shards; saving
+gathers full tensors and resuming cuts them again (t2i_recap/fsdp.py), so checkpoints stay the
+same full safetensors whatever wrote them, and validation runs on every rank (docs/SCALING.md).
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from typing import Literal
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from tqdm.auto import tqdm
 
 from t2i_recap import cache as feature_cache
+from t2i_recap import fsdp
 from t2i_recap.checkpoint import Checkpointer, rng_state, set_rng_state
 from t2i_recap.config import save_config, to_dict
 from t2i_recap.data import build_source, make_loader
@@ -136,15 +141,23 @@ class Trainer:
         configure_model(model, cfg.model)
         self.objective = build_objective(cfg.objective)
         self.opt = torch.optim.AdamW(model.parameters(), **cfg.optim.adamw_kwargs(self.acc.device))
-        self.ema = EMA(model, cfg.ema.decay) if cfg.ema.enabled else None
+        if self.acc.distributed_type == DistributedType.FSDP:
+            if not self.acc.is_fsdp2:
+                raise ValueError("FSDP1 is not supported by the trainer; set fsdp_version: 2 in the accelerate config "
+                                 "(docs/accelerate/fsdp_dit_xl.yaml)")
+            fsdp.broadcast_weights(model)
+        if cfg.model.compile:
+            model = torch.compile(model)
+        # Prepared first: under FSDP2 the EMA, the restored weights and the optimizer state are shards.
+        self.model, self.opt = self.acc.prepare(model, self.opt)
+        if fsdp.is_sharded(self._bare()):
+            log.info("FSDP2: the model's parameters are DTensor shards over %d process(es)", self.world)
+        self.ema = EMA(self._bare(), cfg.ema.decay) if cfg.ema.enabled else None
         self.step, self.cursor, self.samples, self.counts = 0, (0, 0), 0, MixCounts()
         self.truncated = {"original": 0, "recaption": 0, "chosen": 0}
         self.nonfinite_skipped = 0
         if resume is not None:
-            self._restore(self.ckpt.resolve(resume), model)
-        if cfg.model.compile:
-            model = torch.compile(model)
-        self.model, self.opt = self.acc.prepare(model, self.opt)
+            self._restore(self.ckpt.resolve(resume))
         self.writer = None
         if self.acc.is_main_process:
             from torch.utils.tensorboard import SummaryWriter
@@ -172,11 +185,14 @@ class Trainer:
         acc.wait_for_everyone()
         return feature_cache.CacheSource(cache_dir, raw.shards, fp_hash), feature_cache.load_empty(cache_dir)
 
-    def _restore(self, path: Path, model: torch.nn.Module) -> None:
+    def _restore(self, path: Path) -> None:
+        # Every rank reads the whole checkpoint and keeps its part (under FSDP: its shards), as under
+        # DDP. At DiT-XL/2 that is ~10 GB of host memory per process for a moment.
         ck = Checkpointer.load(path)
         state = ck["state"]
-        model.load_state_dict(ck["model"])
-        self.opt.load_state_dict(ck["optimizer"])
+        model = self._bare()
+        fsdp.load_model_state(model, ck["model"])
+        fsdp.load_optimizer_state(model, self.opt, ck["optimizer"])
         if self.ema is not None:
             if ck["ema"] is None:
                 log.warning("checkpoint %s has no EMA; starting the EMA from the restored weights", path)
@@ -291,42 +307,54 @@ class Trainer:
 
     def save(self) -> None:
         ranks = gather_object([{"rank": self.rank, "cursor": list(self.cursor), "rng": rng_state()}])
+        model = self._bare()  # every rank: under FSDP, gathering the full state is a collective
+        weights, optimizer = fsdp.model_state(model), fsdp.optimizer_state(model, self.opt)
+        ema = self.ema.state_dict() if self.ema else None
         if self.acc.is_main_process:
             state = {"world_size": self.world, "ranks": sorted(ranks, key=lambda r: r["rank"]),
                      "samples": self.samples, "mix_counts": dataclasses.asdict(self.counts),
                      "truncated": self.truncated, "nonfinite_skipped": self.nonfinite_skipped,
                      "config": json.loads(json.dumps(to_dict(self.cfg)))}
-            self.ckpt.save(self.step, model=self._bare().state_dict(),
-                           ema=self.ema.state_dict() if self.ema else None,
-                           optimizer=self.opt.state_dict(), state=state)
+            self.ckpt.save(self.step, model=weights, ema=ema, optimizer=optimizer, state=state)
         self.acc.wait_for_everyone()
 
     def validate(self) -> None:
-        """A grid of fixed prompts x seeds (main process; EMA weights when kept)."""
+        """A grid of fixed prompts x seeds (EMA weights when kept), written by the main process.
+
+        Under FSDP every rank runs the same pipeline calls: each forward of the sharded model gathers
+        its weights from all ranks, so all must take part (the images are the same on every rank).
+        """
+        model = self._bare()
+        if self.acc.is_main_process or fsdp.is_sharded(model):
+            images = self._generate(model)
         if self.acc.is_main_process:
-            from contextlib import nullcontext
-
-            from diffusers import PixArtAlphaPipeline
-
             v = self.cfg.validation
-            model = self._bare()
-            model.eval()
-            with self.ema.applied(model) if self.ema else nullcontext():
-                pipe = PixArtAlphaPipeline(tokenizer=self.encoder.text.tokenizer, text_encoder=self.encoder.text.model,
-                                           vae=self.encoder.vae, transformer=model, scheduler=self.objective.scheduler())
-                pipe.set_progress_bar_config(disable=True)
-                prompts = [p for _ in v.seeds for p in v.prompts]
-                seeds = [s for s in v.seeds for _ in v.prompts]
-                images = generate_images(pipe, prompts, seeds, num_inference_steps=v.num_inference_steps,
-                                         guidance_scale=v.guidance_scale, resolution=self.cfg.data.resolution,
-                                         max_sequence_length=self.encoder.text.max_length, batch_size=v.batch_size)
-            model.train()
             grid = image_grid(images, cols=len(v.prompts))
             out = self.run_dir / "samples" / f"step-{self.step:08d}.png"
             out.parent.mkdir(parents=True, exist_ok=True)
             grid.save(out)
             self.writer.add_image("validation", np.asarray(grid), self.step, dataformats="HWC")
         self.acc.wait_for_everyone()
+
+    def _generate(self, model: torch.nn.Module) -> list:
+        from contextlib import nullcontext
+
+        from diffusers import PixArtAlphaPipeline
+
+        v = self.cfg.validation
+        model.eval()
+        with self.ema.applied(model) if self.ema else nullcontext():
+            pipe = PixArtAlphaPipeline(tokenizer=self.encoder.text.tokenizer, text_encoder=self.encoder.text.model,
+                                       vae=self.encoder.vae, transformer=model, scheduler=self.objective.scheduler())
+            pipe.set_progress_bar_config(disable=True)
+            prompts = [p for _ in v.seeds for p in v.prompts]
+            seeds = [s for s in v.seeds for _ in v.prompts]
+            images = generate_images(pipe, prompts, seeds, num_inference_steps=v.num_inference_steps,
+                                     guidance_scale=v.guidance_scale, resolution=self.cfg.data.resolution,
+                                     max_sequence_length=self.encoder.text.max_length, batch_size=v.batch_size)
+        fsdp.reshard(model)  # under FSDP, drop the EMA weights the root module kept gathered
+        model.train()
+        return images
 
     def log(self, metrics: dict) -> None:
         if self.writer is None:
