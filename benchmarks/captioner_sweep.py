@@ -68,6 +68,26 @@ def one_to_two(fidelity: dict) -> dict:
             "exact_all": fidelity["overall"]["exact_match"]}
 
 
+def write_table(out: Path, args, rows: list[dict]) -> str:
+    """OUT/sweep.json and OUT/sweep.md from the rows so far (rewritten after each variant, so a
+    call stopped at its time limit still returns what finished)."""
+    (out / "sweep.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    lines = [f"captioner sweep: {args.num_train} curated images x {args.gold_captions} wordings, {args.epochs} "
+             f"epochs, batch {args.batch_size}, lr {args.lr}, device {args.device}; test: {args.num_test} held-out "
+             "scenes (split test, seed 0)", "",
+             "| variant | steps | train s | final loss | exact 1-2 obj | 1 obj | 2 obj | 2-obj scene | all (1-4) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        def f(k):
+            return f"{r[k]:.3f}" if isinstance(r.get(k), float) else str(r.get(k, "-"))
+        lines.append(f"| {r['variant']} | {r.get('steps', '-')} | {r.get('train_s', r['finetune_s'])} | "
+                     f"{f('final_loss')} | {f('exact_1_2')} | {f('exact_1')} | {f('exact_2')} | {f('scene_2')} | "
+                     f"{f('exact_all')} |")
+    text = "\n".join(lines) + "\n"
+    (out / "sweep.md").write_text(text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
@@ -127,20 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                     row.update(one_to_two(json.loads((run / "fidelity" / "fidelity.json").read_text())))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    (out / "sweep.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    lines = [f"captioner sweep: {args.num_train} curated images x {args.gold_captions} wordings, {args.epochs} "
-             f"epochs, batch {args.batch_size}, lr {args.lr}, device {args.device}; test: {args.num_test} held-out "
-             "scenes (split test, seed 0)", "",
-             "| variant | steps | train s | final loss | exact 1-2 obj | 1 obj | 2 obj | 2-obj scene | all (1-4) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        def f(k):
-            return f"{r[k]:.3f}" if isinstance(r.get(k), float) else str(r.get(k, "-"))
-        lines.append(f"| {r['variant']} | {r.get('steps', '-')} | {r.get('train_s', r['finetune_s'])} | "
-                     f"{f('final_loss')} | {f('exact_1_2')} | {f('exact_1')} | {f('exact_2')} | {f('scene_2')} | "
-                     f"{f('exact_all')} |")
-    (out / "sweep.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+            write_table(out, args, rows)
+    print(write_table(out, args, rows))
     scored = [r for r in rows if "exact_1_2" in r]
     if args.pack and scored:
         best = max(scored, key=lambda r: r["exact_1_2"])

@@ -103,6 +103,10 @@ setup() {
     || { echo "project install failed" >&2; exit 1; }
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
   export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+  # Child processes too (`python -m t2i_recap ...`, accelerate's workers): the checkout's t2i_recap/
+  # (no captioner/ inside) must never shadow the installed package. The benchmark scripts add their
+  # own folder to sys.path themselves.
+  export PYTHONSAFEPATH=1
   if ! "$PY" -P -c "import transformers" >/dev/null 2>&1; then
     # e.g. a dependency of the carried version is older in the image: use the image's own transformers
     echo "the carried transformers does not import here; falling back to the image's version" | tee -a "$OUT/session.log"
