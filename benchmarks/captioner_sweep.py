@@ -25,10 +25,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "configs" / "caption" / "finetune_shapes.yaml"
+NARROW = ["build.hidden_size=128", "build.intermediate_size=256", "build.num_heads=4"]
 WIDE = ["build.hidden_size=256", "build.intermediate_size=1024", "build.num_heads=8"]
+# Overrides of configs/caption/finetune_shapes.yaml (each variant names its whole decoder shape).
 VARIANTS = {
-    "l2h128": ["build.num_layers=2"],
-    "l4h128": ["build.num_layers=4"],
+    "l2h128": [*NARROW, "build.num_layers=2"],
+    "l4h128": [*NARROW, "build.num_layers=4"],
     "l4h256": [*WIDE, "build.num_layers=4"],
     "l6h256": [*WIDE, "build.num_layers=6"],
     "l4h256-tower": [*WIDE, "build.num_layers=4", "train.freeze_vision=false"],
