@@ -2,7 +2,7 @@
 
 Stages (each resumable; a rerun skips finished ones, see t2i_recap/stages.py):
   world      web shards with noisy alt-texts (a curated share with gold captions) + a held-out test set
-  assets     the tiny tokenizer, CLIP and VAE
+  assets     the tiny tokenizer, CLIP and VAE (copied from the package's prebuilt set, or built)
   captioner  fine-tune the tiny LLaVA captioner on the curated subset only
   fidelity   caption the held-out test set and parse it back: the captioner's scene-graph accuracy
   recaption  recaption every web sample with the trained captioner (never the gold captions)
@@ -11,8 +11,9 @@ Stages (each resumable; a rerun skips finished ones, see t2i_recap/stages.py):
   train_pX   the tiny DiT at caption-mixing ratio p (p = share of ORIGINAL captions), exported
   eval_pX    the shapes suite on each model, raw and recaptioned prompts
   compare    the paper's Table 7 at toy scale, with bootstrap confidence intervals
-The train_pX and eval_pX stages run as child processes, `workers` of them at once (one per core
-on a 2-core box), each with an equal share of the cores as its torch threads.
+The train_pX, eval_pX and stats stages run as child processes, `workers` of them at once (one per
+core on a 2-core box), each with an equal share of the cores as its torch threads; recaption splits
+the web shards over `workers` captioning processes (RANK / WORLD_SIZE, as `accelerate launch`).
 """
 
 from __future__ import annotations
@@ -39,20 +40,24 @@ class DemoConfig:
 
     num_web: int = 20_000
     """Web samples (noisy alt-texts); the DataComp analogue."""
-    curated_fraction: float = 0.25
+    curated_fraction: float = 0.05
     """Share of web samples that also carry a gold dense caption (the captioner's training set)."""
+    gold_captions: int = 5
+    """Gold wordings per curated sample (COCO-style, 5 per image): the captioner's pairs."""
     num_test: int = 500
     """Held-out scenes for the captioner's fidelity."""
     seed: int = 0
     resolution: int = 32
     p_values: list[float] = dataclasses.field(default_factory=lambda: [1.0, 0.0])
     """Caption-mixing ratios to train: p = 1.0 is the alt-text baseline, p = 0.0 recaptions only."""
-    train_steps: int = 2000
-    train_batch_size: int = 64
+    train_steps: int = 2400
+    train_batch_size: int = 32
+    train_lr: float = 2e-3
+    """The DiT's learning rate (measured at batch 32 x 2,000 steps: 2e-3 beat 1e-3, 0.459 vs 0.415)."""
     train_config: str = str(REPO_CONFIGS / "train" / "shapes_tiny.yaml")
-    finetune_config: str = str(REPO_CONFIGS / "caption" / "finetune_shapes.yaml")
+    finetune_config: str = str(REPO_CONFIGS / "caption" / "finetune_shapes_demo.yaml")
     finetune_overrides: list[str] = dataclasses.field(default_factory=list)
-    caption_batch_size: int = 128
+    caption_batch_size: int = 256
     caption_max_new_tokens: int = 96
     eval_per_category: int = 16
     eval_images_per_prompt: int = 2
@@ -60,16 +65,19 @@ class DemoConfig:
     workers: int = 2
     """Processes for making the shards, and how many train/eval stages run side by side."""
     assets: str | None = None
-    """An existing assets folder (`t2i-recap shapes assets`) to use instead of building one under --out."""
+    """An existing assets folder (`t2i-recap shapes assets`) to use instead of making one under --out."""
     assets_overrides: list[str] = dataclasses.field(default_factory=list)
-    """`--set`-style overrides of AssetsConfig when the demo builds the assets (e.g. clip.steps=50)."""
+    """`--set`-style overrides of AssetsConfig when the demo makes the assets (e.g. clip.steps=50)."""
+    prebuilt_assets: bool = True
+    """Copy the package's prebuilt tokenizer, CLIP and VAE when they match the settings (seconds);
+    false builds them here (~15 min on 2 cores)."""
 
     def __post_init__(self) -> None:
         if not self.p_values or any(not 0.0 <= p <= 1.0 for p in self.p_values):
             raise ValueError(f"p_values must be a non-empty list of numbers in [0, 1], got {self.p_values}")
 
 
-QUICK = dict(assets_overrides=["clip.steps=40", "vae.steps=40"], num_web=240, num_test=24, curated_fraction=0.25, train_steps=30, train_batch_size=16,
+QUICK = dict(num_web=240, num_test=24, curated_fraction=0.25, train_steps=30, train_batch_size=16,
              caption_batch_size=32, caption_max_new_tokens=48, eval_per_category=2, eval_images_per_prompt=1,
              eval_steps=4, finetune_overrides=["train.max_steps=20"])
 
@@ -83,15 +91,22 @@ def _call(main, argv: list[str]) -> None:
         raise SystemExit(f"demo: `{command}` failed with exit code {code}")
 
 
-def _spawn(argv: list[str], threads: int) -> None:
+def _spawn(argv: list[str], threads: int, ranks: int = 1) -> None:
     """Run `python -m t2i_recap ARGV...` in a child process with `threads` torch threads (unless
-    OMP_NUM_THREADS is set already); a non-zero exit stops the pipeline, naming the command."""
+    OMP_NUM_THREADS is set already); a non-zero exit stops the pipeline, naming the command.
+    `ranks` > 1 starts that many copies side by side with RANK / WORLD_SIZE set (commands that
+    split their work by rank without talking to each other, like `caption run`)."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(threads))
-    log.info("$ t2i-recap %s  (OMP_NUM_THREADS=%s)", " ".join(argv), env["OMP_NUM_THREADS"])
-    code = subprocess.run([sys.executable, "-m", "t2i_recap", *argv], env=env).returncode
-    if code:
-        raise SystemExit(f"demo: `t2i-recap {' '.join(argv)}` failed with exit code {code}")
+    log.info("$ t2i-recap %s  (OMP_NUM_THREADS=%s%s)", " ".join(argv), env["OMP_NUM_THREADS"],
+             f", {ranks} ranks" if ranks > 1 else "")
+    rank_env = [{} if ranks == 1 else {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(ranks)}
+                for r in range(ranks)]
+    children = [subprocess.Popen([sys.executable, "-m", "t2i_recap", *argv], env={**env, **extra})
+                for extra in rank_env]
+    codes = [child.wait() for child in children]
+    if any(codes):
+        raise SystemExit(f"demo: `t2i-recap {' '.join(argv)}` failed with exit codes {codes}")
 
 
 def _p_name(p: float) -> str:
@@ -112,7 +127,7 @@ class Demo:
 
         c = self.cfg
         web = make_dataset(self.web, c.num_web, c.seed, curated_fraction=c.curated_fraction,
-                           resolution=c.resolution, split="train", workers=c.workers)
+                           resolution=c.resolution, split="train", workers=c.workers, gold_captions=c.gold_captions)
         test = make_dataset(self.test, c.num_test, c.seed, curated_fraction=1.0, resolution=c.resolution,
                             split="test", workers=1, shard_size=max(c.num_test, 1))
         return {"web": web, "test": test}
@@ -127,16 +142,22 @@ class Demo:
                 raise SystemExit(f"demo: assets folder {self.assets} lacks {', '.join(missing)}; "
                                  "build it with `t2i-recap shapes assets --out DIR`")
         else:
-            build_assets(self.assets, load_config(AssetsConfig, None, self.cfg.assets_overrides))
+            from t2i_recap.shapes.assets import PREBUILT
+
+            build_assets(self.assets, load_config(AssetsConfig, None, self.cfg.assets_overrides),
+                         prebuilt=PREBUILT if self.cfg.prebuilt_assets else None)
         manifest = json.loads((self.assets / "assets.json").read_text())
         return {part: info.get("quality") for part, info in manifest.get("parts", {}).items()}
 
     def _assets_seconds(self) -> float:
-        """Expected build time: ~0.3 s per CLIP or VAE step on a busy 2-core box (927 s for 1,500 + 1,000)."""
+        """Expected time: seconds to copy the prebuilt parts; ~0.37 s per CLIP or VAE step to build
+        (927 s for 1,500 + 1,000 on a busy 2-core box)."""
         from t2i_recap.config import load_config
         from t2i_recap.shapes.assets import AssetsConfig
 
         cfg = load_config(AssetsConfig, None, self.cfg.assets_overrides)
+        if self.cfg.prebuilt_assets and not self.cfg.assets_overrides:
+            return 10
         return 0.37 * (cfg.clip.steps + cfg.vae.steps) + 10
 
     def finetune(self) -> dict:
@@ -159,18 +180,18 @@ class Demo:
         return json.loads((out / "fidelity.json").read_text())
 
     def recaption(self) -> dict:
-        from t2i_recap.captioner import run
-
-        _call(run.main, ["--input", str(self.web), "--out", str(self.recaptions), "--model", str(self.captioner),
-                         "--prompt", "recap", "--batch-size", str(self.cfg.caption_batch_size),
-                         "--max-new-tokens", str(self.cfg.caption_max_new_tokens)])
+        """Every web shard, split over `workers` captioning processes (one core each)."""
+        ranks = max(1, min(self.cfg.workers, os.cpu_count() or 1))
+        _spawn(["caption", "run", "--input", str(self.web), "--out", str(self.recaptions), "--model",
+                str(self.captioner), "--prompt", "recap", "--batch-size", str(self.cfg.caption_batch_size),
+                "--max-new-tokens", str(self.cfg.caption_max_new_tokens)],
+               threads=max(1, (os.cpu_count() or 1) // ranks), ranks=ranks)
         return {"sidecars": str(self.recaptions)}
 
     def stats(self) -> dict:
-        from t2i_recap.captioner import stats
-
         out = self.out / "caption_stats"
-        _call(stats.main, ["--sidecars", str(self.recaptions), "--out", str(out), "--clip", str(self.assets / "clip")])
+        _spawn(["caption", "stats", "--sidecars", str(self.recaptions), "--out", str(out), "--clip",
+                str(self.assets / "clip")], self._threads())
         return {"stats": str(out / "stats.json")}
 
     def train_config(self) -> Path:
@@ -184,6 +205,7 @@ class Demo:
         data.setdefault("features", {}).update(vae=str(self.assets / "vae"), cache_dir=str(self.out / "features"))
         data.setdefault("trainer", {}).update(max_steps=self.cfg.train_steps, batch_size=self.cfg.train_batch_size,
                                               micro_batch_size=self.cfg.train_batch_size, seed=self.cfg.seed)
+        data.setdefault("optim", {})["lr"] = self.cfg.train_lr
         cfg = from_dict(TrainConfig, data, self.cfg.train_config)
         path = self.out / "train_base.yaml"
         save_config(cfg, path)
@@ -228,32 +250,35 @@ class Demo:
     # -- wiring ------------------------------------------------------------------------------
     def stages(self) -> list[Stage]:
         c = dataclasses.asdict(self.cfg)
-        world = {k: c[k] for k in ("num_web", "curated_fraction", "num_test", "seed", "resolution")}
+        world = {k: c[k] for k in ("num_web", "curated_fraction", "gold_captions", "num_test", "seed", "resolution")}
         caption = {k: c[k] for k in ("caption_batch_size", "caption_max_new_tokens")}
-        train = {k: c[k] for k in ("train_steps", "train_batch_size", "train_config")}
+        train = {k: c[k] for k in ("train_steps", "train_batch_size", "train_lr", "train_config")}
         evals = {k: c[k] for k in ("eval_per_category", "eval_images_per_prompt", "eval_steps")}
-        # Expected seconds for the ETA bar, from the full run of 2026-11-26 on 2 CPU cores (README).
+        # Expected seconds for the ETA bar, from the full run of 2026-11-26 (session 4) on 2 CPU cores (README).
         scale = c["num_web"] / 20_000
-        pairs = c["num_web"] * c["curated_fraction"] / 5_000
+        pairs = c["num_web"] * c["curated_fraction"] * c["gold_captions"] / 5_000
         stages = [
             Stage("world", self.world, world, 10 * scale + 5),
-            Stage("assets", self.build_assets, {"assets": c["assets"], "o": c["assets_overrides"]},
+            Stage("assets", self.build_assets, {"assets": c["assets"], "o": c["assets_overrides"],
+                                                "prebuilt": c["prebuilt_assets"]},
                   5 if c["assets"] else self._assets_seconds()),
             Stage("captioner", self.finetune, {"config": c["finetune_config"], "o": c["finetune_overrides"]},
-                  1430 * pairs + 10,
+                  180 * pairs + 10,
                   ("world", "assets")),
             Stage("fidelity", self.fidelity, caption, 20, ("captioner",)),
-            Stage("recaption", self.recaption, caption, 360 * scale + 5, ("captioner",)),
-            Stage("stats", self.stats, {}, 40 * scale + 5, ("recaption",)),
+            Stage("recaption", self.recaption, caption, 115 * scale + 5, ("captioner",)),
             Stage("prepare", self.prepare, train, 50 * scale + 5, ("recaption",)),
         ]
         for p in self.cfg.p_values:
             name = _p_name(p)
             # train_base.yaml is written once by `prepare`, so stages running side by side never rewrite it.
             stages.append(Stage(f"train_{name}", lambda p=p: self.train(p, self.out / "train_base.yaml"),
-                                {"p": p, **train}, self.cfg.train_steps * 0.5, ("prepare",), isolated=True))
+                                {"p": p, **train}, self.cfg.train_steps * 0.25 * self.cfg.train_batch_size / 32,
+                                ("prepare",), isolated=True))
             stages.append(Stage(f"eval_{name}", lambda p=p: self.evaluate(p), {"p": p, **evals}, 60,
                                 (f"train_{name}", "captioner"), isolated=True))
+        # Nothing waits for the statistics: they take the first free core (beside a DiT's training).
+        stages.append(Stage("stats", self.stats, {}, 40 * scale + 5, ("recaption",), isolated=True))
         stages.append(Stage("compare", self.compare, {"p": c["p_values"]}, 5,
                             tuple(f"eval_{_p_name(p)}" for p in self.cfg.p_values)))
         return stages
