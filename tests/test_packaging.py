@@ -42,6 +42,15 @@ def test_every_package_folder_is_in_the_wheel(wheel_names):
             assert f"{dst}/{rel}" in wheel_names, f"{src}/{rel} is not packaged"
 
 
+def test_prebuilt_assets_are_in_the_wheel(wheel_names):
+    """A pip-installed package (not only a checkout) finds the shapes world's prebuilt parts."""
+    prebuilt = REPO / "t2i_recap" / "shapes" / "prebuilt"
+    files = sorted(p.relative_to(REPO).as_posix() for p in prebuilt.rglob("*") if p.is_file())
+    assert any(f.endswith("model.safetensors") for f in files)
+    missing = [f for f in files if f not in wheel_names]
+    assert not missing, f"not packaged: {missing} (pyproject.toml package-data)"
+
+
 def test_console_script_and_python_m():
     # The script pip installed beside this interpreter (PATH may hold another environment's).
     script = Path(sys.executable).parent / "t2i-recap"
