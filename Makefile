@@ -11,6 +11,7 @@ STAMP := .install.stamp
 $(STAMP): pyproject.toml
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet --no-deps "open_clip_torch>=2.24"  # only its BPE vocabulary file is read; its torchvision dependency would break CPU torch
 	-command -v pyenv >/dev/null 2>&1 && pyenv rehash  # put new console scripts on PATH under pyenv
 	touch $(STAMP)
 
