@@ -21,7 +21,7 @@ from PIL import Image
 
 from t2i_recap.io import UnsafeKeyError, check_key, expand_shards
 from t2i_recap.logging_utils import get_logger
-from t2i_recap.shards import iter_tar_samples
+from t2i_recap.shards import iter_tar_samples, shard_id
 
 from .images import DEFAULT_MAX_PIXELS, BadImage, decode_image
 
@@ -375,12 +375,8 @@ def _hf_rows(ds, shard: str, start: int, cfg: ReaderConfig) -> Iterator[Sample]:
 
 
 def shard_name(path: Path) -> str:
-    """`data/00012.tar` -> `00012` (also `.tar.gz`, `.parquet`)."""
-    name = path.name
-    for suffix in (".tar.gz", ".tgz", ".tar", ".parquet"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+    """`data/00012.tar` -> `00012`: the shard identity every package uses (`t2i_recap.shards.shard_id`)."""
+    return shard_id(path)
 
 
 def detect_format(source: str) -> str:

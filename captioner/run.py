@@ -27,12 +27,14 @@ from typing import Iterator, Literal
 from tqdm import tqdm
 
 from t2i_recap.config import ConfigError, load_config, save_config
+from t2i_recap.identity import describe, model_digest, stamp
+from t2i_recap.io import DiskFullError
 from t2i_recap.logging_utils import get_logger, setup_logging
 
 from .prompts import DEFAULT_MAX_HINT_CHARS, build_prompt_with_notes, check_template
 from .readers import ReaderConfig, Sample, Shard, open_shards
 from .repetition import is_repetitive
-from .writer import Row, is_finished, remove_stale_temps, sidecar_path, write_sidecar
+from .writer import Row, read_info, remove_stale_temps, sidecar_path, stale_reason, write_sidecar
 
 log = get_logger(__name__)
 
@@ -71,6 +73,8 @@ class CaptionRunConfig:
     """Batches read and decoded ahead in a background thread, so decoding overlaps generation."""
     reader: ReaderConfig = dataclasses.field(default_factory=ReaderConfig)
     """How the input is read."""
+    allow_empty_shards: bool = False
+    """A shard where every sample was skipped is an error (exit 1) unless this is set."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -85,9 +89,29 @@ class CaptionRunConfig:
             check_template(self.template)
 
     def fingerprint(self) -> dict:
-        """Settings that change the captions: a finished sidecar is reused only if these match."""
-        return {"model": self.model, "backend": self.backend, "prompt": self.prompt, "template": self.template,
+        """Settings that change the captions: a finished sidecar is reused only if these match.
+
+        The captioner is named by its content digest, so the same model under another path is
+        the same captioner and a model replaced in place is another one; a hub id by its name.
+        """
+        return {"model": captioner_identity(self.model), "backend": self.backend, "prompt": self.prompt, "template": self.template,
                 "max_new_tokens": self.max_new_tokens, "max_hint_chars": self.max_hint_chars}
+
+
+def captioner_identity(model: str) -> str:
+    path = Path(model).expanduser()
+    return model_digest(path) if path.exists() else f"hub:{model}"
+
+
+def local_model_path(model: str) -> str | None:
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else None
+
+
+def shard_file(shard: Shard) -> Path | None:
+    """The input file of a tar/parquet shard (its content identifies the shard), else None."""
+    path = Path(shard.source)
+    return path if path.is_file() else None
 
 
 @dataclasses.dataclass
@@ -265,18 +289,21 @@ def _count(rows: list[Row]) -> Counts:
 # ---------------------------------------------------------------- the run
 
 
-def shard_metadata(cfg: CaptionRunConfig, backend, shard: Shard, counts: Counts, dist: Dist) -> dict:
+def shard_metadata(cfg: CaptionRunConfig, backend, shard: Shard, counts: Counts, dist: Dist,
+                   source: dict | None = None) -> dict:
     from t2i_recap import __version__
 
     captioned = counts.ok + counts.failed
     return {
         "fingerprint": cfg.fingerprint(),
         "model": cfg.model,
+        "model_path": local_model_path(cfg.model),
         "prompt": {"preset": cfg.prompt, "template": cfg.template,
                    "example": build_prompt_with_notes(cfg.prompt, "ALT-TEXT", cfg.template, cfg.max_hint_chars)[0]},
         "generation": {"decoding": "greedy", "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size},
         "backend": backend.describe(),
-        "shard": {"name": shard.name, "source": shard.source},
+        # `input`: digest, size, mtime and sample count of the shard read; the trainer's join checks it.
+        "shard": {"name": shard.name, "source": shard.source, "input": source},
         "counts": dataclasses.asdict(counts),
         "images_per_second": round(captioned / counts.seconds, 4) if counts.seconds > 0 else None,
         "rank": dist.rank,
@@ -306,7 +333,9 @@ def caption_run(cfg: CaptionRunConfig, dist: Dist | None = None, backend=None) -
     out = Path(cfg.out)
     shards = open_shards(cfg.input, cfg.reader)
     mine = dist.mine(shards)
-    todo = [s for s in mine if not is_finished(sidecar_path(out, s.name), cfg.fingerprint())]
+    fingerprint, model_path = cfg.fingerprint(), local_model_path(cfg.model)
+    todo = [s for s in mine if stale_reason(sidecar_path(out, s.name), fingerprint, model_path=model_path,
+                                            shard_file=shard_file(s)) is not None]
     log.info("%d shards in %s; rank %d of %d owns %d, %d already done", len(shards), cfg.input, dist.rank,
              dist.world, len(mine), len(mine) - len(todo))
     out.mkdir(parents=True, exist_ok=True)
@@ -314,6 +343,7 @@ def caption_run(cfg: CaptionRunConfig, dist: Dist | None = None, backend=None) -
         save_config(cfg, out / "caption_config.yaml")
     summary = {"rank": dist.rank, "world_size": dist.world, "shards_total": len(shards), "shards_mine": len(mine),
                "shards_skipped_done": len(mine) - len(todo), "shards_done": 0, "shards_failed": [],
+               "shards_empty": [s.name for s in mine if s not in todo and _was_empty(sidecar_path(out, s.name))],
                "counts": Counts()}
     if todo and backend is None:
         from .backend import default_device, make_backend
@@ -329,7 +359,14 @@ def caption_run(cfg: CaptionRunConfig, dist: Dist | None = None, backend=None) -
         remove_stale_temps(path)
         bar = tqdm(desc=f"{shard.name}", unit="img", disable=dist.rank != 0 or not sys.stderr.isatty())
         try:
+            source = _describe(shard)
             rows, counts = worker.run(shard, bar)
+            _check_unchanged(shard, source)
+            if source is not None:
+                source["samples"] = len(rows)
+            write_sidecar(path, rows, shard_metadata(cfg, backend, shard, counts, dist, source))
+        except DiskFullError:
+            raise
         except Exception as exc:  # noqa: BLE001 - an unreadable shard must not stop the others
             log.error("shard %s (%s) failed, no sidecar written: %s: %s", shard.name, shard.source,
                       type(exc).__name__, exc)
@@ -337,9 +374,12 @@ def caption_run(cfg: CaptionRunConfig, dist: Dist | None = None, backend=None) -
             continue
         finally:
             bar.close()
-        write_sidecar(path, rows, shard_metadata(cfg, backend, shard, counts, dist))
         summary["counts"].add(counts)
         summary["shards_done"] += 1
+        if counts.ok == 0 and counts.failed == 0:
+            log.error("shard %s (%s): every one of its %d samples was skipped; nothing in it was captioned",
+                      shard.name, shard.source, len(rows))
+            summary["shards_empty"].append(shard.name)
         log.info("%s: %d ok, %d skipped, %d failed, %d hit the cap, %d repetitive (%.1f s)", shard.name,
                  counts.ok, counts.skipped, counts.failed, counts.length, counts.repetition, counts.seconds)
     summary["counts"] = dataclasses.asdict(summary["counts"])
@@ -347,6 +387,24 @@ def caption_run(cfg: CaptionRunConfig, dist: Dist | None = None, backend=None) -
 
 
 # ---------------------------------------------------------------- CLI
+
+
+def _describe(shard: Shard) -> dict | None:
+    path = shard_file(shard)
+    return describe(path) if path is not None else None
+
+
+def _check_unchanged(shard: Shard, before: dict | None) -> None:
+    """Refuse to mark a shard done when its file changed while it was read (a download still being written)."""
+    path = shard_file(shard)
+    if before is not None and path is not None and stamp(path) != {k: before[k] for k in ("size", "mtime_ns")}:
+        raise RuntimeError(f"shard {path} changed while it was being captioned (still being written?); "
+                           "rerun once it is complete")
+
+
+def _was_empty(path: Path) -> bool:
+    counts = (read_info(path) or {}).get("counts") or {}
+    return counts.get("ok", 0) == 0 and counts.get("failed", 0) == 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -365,13 +423,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--device")
     p.add_argument("--trust-remote-code", action="store_true", default=None)
+    p.add_argument("--allow-empty-shards", action="store_true", default=None,
+                   help="exit 0 even when every sample of some shard was skipped")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> CaptionRunConfig:
     flags = {"input": args.input, "out": args.out, "model": args.model, "prompt": args.prompt,
              "template": args.template, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-             "dtype": args.dtype, "device": args.device, "trust_remote_code": args.trust_remote_code}
+             "dtype": args.dtype, "device": args.device, "trust_remote_code": args.trust_remote_code,
+             "allow_empty_shards": args.allow_empty_shards}
     overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
     if args.input_format:
         overrides.append(f"reader.format={args.input_format}")
@@ -390,6 +451,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"t2i-recap caption run: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))
+    if summary["shards_empty"] and not cfg.allow_empty_shards:
+        print(f"t2i-recap caption run: error: every sample was skipped in shard(s) {summary['shards_empty']} "
+              "(pass --allow-empty-shards to accept that)", file=sys.stderr)
+        return 1
     return 1 if summary["shards_failed"] else 0
 
 

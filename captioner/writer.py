@@ -21,7 +21,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from t2i_recap.identity import same_content
 from t2i_recap.io import atomic_path
+from t2i_recap.logging_utils import get_logger
+
+log = get_logger(__name__)
 
 FORMAT = "t2i-recap-sidecar/1"
 METADATA_KEY = b"t2i_recap"
@@ -59,19 +63,34 @@ class Row:
     notes: list[str] = dataclasses.field(default_factory=list)
 
     def record(self) -> dict:
+        notes = list(self.notes)
+        org, rec, err = (_storable(getattr(self, f), f, notes) for f in ("org_caption", "re_caption", "error"))
         return {
             "key": self.key,
-            "org_caption": self.org_caption,
-            "re_caption": self.re_caption,
-            "re_length": word_count(self.re_caption),
-            "org_length": word_count(self.org_caption),
+            "org_caption": org,
+            "re_caption": rec,
+            "re_length": word_count(rec),
+            "org_length": word_count(org),
             "status": self.status,
-            "error": self.error,
+            "error": err,
             "finish_reason": self.finish_reason,
             "repetition": self.repetition,
             "re_num_tokens": self.re_num_tokens,
-            "notes": "; ".join(self.notes) or None,
+            "notes": _storable("; ".join(notes), "notes", []) or None,
         }
+
+
+def _storable(text: str | None, field: str, notes: list[str]) -> str | None:
+    """`text` as parquet can store it: a lone surrogate (JSON "\\ud800" decodes to one) has no UTF-8
+    form and would make the whole shard's write fail, so it becomes U+FFFD, with a note."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        notes.append(f"{field}: lone surrogate replaced by U+FFFD")
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def word_count(text: str | None) -> int | None:
@@ -79,6 +98,7 @@ def word_count(text: str | None) -> int | None:
 
 
 def sidecar_path(out_dir: str | Path, shard_name: str) -> Path:
+    """`<out>/<shard id>.parquet`; `shard_name` is `t2i_recap.shards.shard_id` of the input shard."""
     return Path(out_dir) / f"{shard_name}.parquet"
 
 
@@ -117,22 +137,52 @@ def remove_stale_temps(path: str | Path) -> list[Path]:
     return stale
 
 
-def is_finished(path: str | Path, fingerprint: dict) -> bool:
-    """True if `path` is a complete sidecar written with the same settings.
+def is_finished(path: str | Path, fingerprint: dict, *, model_path: str | Path | None = None,
+                shard_file: str | Path | None = None) -> bool:
+    """True if `path` is a complete sidecar written with the same settings from the same input.
 
-    Raises `SidecarMismatch` for a sidecar made with other settings and for a parquet file that
-    is not a sidecar (e.g. img2dataset's own `00000.parquet` when --out is the input folder).
+    False (redo it, with a warning) when the input shard's content changed since the sidecar was
+    written, or when the captioner at the same place (`model_path`) was replaced. Raises
+    `SidecarMismatch` for a sidecar made with other settings or by another captioner elsewhere,
+    and for a parquet file that is not a sidecar (e.g. img2dataset's own `00000.parquet` when
+    --out is the input folder).
     """
+    return stale_reason(path, fingerprint, model_path=model_path, shard_file=shard_file) is None
+
+
+def stale_reason(path: str | Path, fingerprint: dict, *, model_path: str | Path | None = None,
+                 shard_file: str | Path | None = None) -> str | None:
+    """None if the sidecar at `path` is finished and current, else why the shard must be (re)captioned."""
     path = Path(path)
     if not path.exists():
-        return False
+        return "no sidecar yet"
     info = read_info(path)
     if info is None:
         raise SidecarMismatch(f"{path} exists and is not a recaption sidecar (img2dataset metadata?); use another --out")
     theirs = info.get("fingerprint", {})
-    if theirs != fingerprint:
-        diff = {k: (theirs.get(k), v) for k, v in fingerprint.items() if theirs.get(k) != v}
+    diff = {k: (theirs.get(k), v) for k, v in fingerprint.items() if theirs.get(k) != v}
+    if set(diff) == {"model"} and model_path is not None and _same_place(info.get("model_path") or info.get("model"),
+                                                                         model_path):
+        log.warning("%s was captioned by the captioner at %s before it was replaced (digest %s, now %s); recaptioning",
+                    path, model_path, *diff["model"])
+        return "the captioner was replaced in place"
+    if diff:
         raise SidecarMismatch(
             f"{path} was captioned with other settings {diff} (found, wanted); use another --out or delete it"
         )
-    return True
+    if shard_file is not None and Path(shard_file).is_file():
+        recorded = (info.get("shard") or {}).get("input") or {}
+        if not same_content(shard_file, recorded):
+            log.warning("shard %s changed since %s was written (recorded digest %s); recaptioning", shard_file,
+                        path, recorded.get("digest"))
+            return "the input shard changed since it was captioned"
+    return None
+
+
+def _same_place(recorded: str | None, current: str | Path) -> bool:
+    if not recorded:
+        return False
+    try:
+        return Path(recorded).resolve() == Path(current).resolve()
+    except OSError:
+        return False

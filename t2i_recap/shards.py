@@ -29,7 +29,26 @@ class RawSample:
     error: str | None = None
 
 
+SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".parquet")
+
+
+def shard_id(path: str | Path) -> str:
+    """The one name of a shard, used for its sidecar, its cache file and in stats.
+
+    The file name without its shard suffix: `data/00012.tar` -> `00012`, `web.00000.tar` ->
+    `web.00000` (never cut at the first dot, which would give two shards one name),
+    `x.tar.gz` -> `x`, `part.parquet` -> `part`; any other file keeps its whole name.
+    """
+    name = Path(path).name
+    for suffix in SHARD_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def _split_member(name: str) -> tuple[str, str]:
+    while name.startswith("./"):  # `tar -C dir .` stores members as ./00000.jpg
+        name = name[2:]
     base = name.rsplit("/", 1)[-1]
     if "." not in base:
         return base, ""
@@ -49,6 +68,8 @@ def iter_tar_samples(path: str | Path) -> Iterator[RawSample]:
     try:
         with tarfile.open(path, mode="r|*") as tar:
             for member in tar:
+                if member.isdir() and member.name.strip("./") == "":
+                    continue  # the archive's root folder entry (`./`), not a sample
                 key, ext = _split_member(member.name)
                 if current is not None and key != current.key:
                     yield current
