@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from t2i_recap.io import atomic_path, atomic_write_text
 from t2i_recap.logging_utils import get_logger, setup_logging
+from t2i_recap.shards import shard_id
 
 from .writer import read_info
 
@@ -59,7 +60,9 @@ def read_sidecars(folder: str | Path) -> Sidecars:
         if info is None:  # e.g. img2dataset's own 00000.parquet beside the shards
             log.warning("%s is not a recaption sidecar (no t2i_recap metadata); left out", f)
             continue
-        rows.extend(pq.read_table(f).to_pylist())
+        # Keys are unique per shard only (merged downloads repeat them): rows carry their shard's id.
+        shard = (info.get("shard") or {}).get("name") or shard_id(f)
+        rows.extend({**row, "shard": shard} for row in pq.read_table(f).to_pylist())
         infos.append(info)
         used.append(f)
     if not used:
@@ -172,15 +175,19 @@ def _mean(values: list[float]) -> float | None:
     return round(float(np.mean(values)), 3) if values else None
 
 
-def images_by_key(source: str, keys: set[str]) -> dict:
-    """Images of `keys` read from the captioner's input (any format `caption run` reads)."""
+def images_by_key(source: str, keys: set[tuple[str, str]], shard: str | None = None) -> dict:
+    """Images of `keys` ((shard id, key) pairs) read from the captioner's input (any format `caption run` reads).
+
+    `shard`: the id the sidecar recorded for `source` (its samples are that shard's), else each shard's own id.
+    """
     from .readers import open_shards
 
     out = {}
-    for shard in open_shards(source):
-        for sample in shard.samples():
-            if sample.key in keys and sample.image is not None:
-                out[sample.key] = sample.image
+    for part in open_shards(source):
+        name = shard or part.name
+        for sample in part.samples():
+            if (name, sample.key) in keys and sample.image is not None:
+                out[(name, sample.key)] = sample.image
     return out
 
 
@@ -290,15 +297,17 @@ def compute_stats(sidecars_dir: str, clip: str | None = None, tokenizer: str | N
 
 
 def _clip_section(side: Sidecars, ok: list[dict], clip: str, images: str | None) -> dict | None:
-    sources = [images] if images else sorted({str((i.get("shard") or {}).get("source")) for i in side.infos})
-    wanted = {r["key"] for r in ok if r.get("org_caption")}
+    sources = [(images, None)] if images else sorted({(str((i.get("shard") or {}).get("source")), (i.get("shard") or {}).get("name"))
+                                                      for i in side.infos}, key=str)
+    wanted = {(r["shard"], r["key"]) for r in ok if r.get("org_caption")}
     found: dict = {}
-    for source in sources:
+    for source, shard in sources:
         try:
-            found.update(images_by_key(source, wanted))
+            found.update(images_by_key(source, wanted, shard))
         except (FileNotFoundError, ValueError) as exc:
             log.warning("CLIP score: cannot read images from %s (%s); pass --images", source, exc)
-    pairs = [(found[r["key"]], r["org_caption"], r["re_caption"]) for r in ok if r["key"] in found and r.get("org_caption")]
+    pairs = [(found[(r["shard"], r["key"])], r["org_caption"], r["re_caption"]) for r in ok
+             if (r["shard"], r["key"]) in found and r.get("org_caption")]
     if not pairs:
         log.warning("CLIP score skipped: no image found for any captioned row")
         return None

@@ -4,11 +4,13 @@
 `t2i-recap prepare` use the same code, and the on-the-fly path rounds features to the cache's
 storage dtype, so a run from the cache and a run on the fly see the same numbers.
 
-The cache holds one safetensors file per input shard (rows in shard order, keyed by sample key in
-the file's metadata) plus `empty.safetensors` (the empty caption, for CFG dropout). Every file
-records the fingerprint it was built with (encoder identities, resolution, dtype, token length,
-caption fields) and the input shard's size and mtime (and its sidecar's). A file whose fingerprint
-or input changed is stale and is rebuilt, never reused (REFERENCE.md section 4). Mixing and CFG
+The cache holds one safetensors file per input shard, `<shard id>.safetensors` (rows in shard
+order, keyed by sample key in the file's metadata) plus `empty.safetensors` (the empty caption, for
+CFG dropout). Every file records the fingerprint it was built with (the VAE's and text encoder's
+content digests, resolution, dtype, token length, caption fields) and its input: the shard's and
+sidecar's size and mtime, and their content digests. A file whose fingerprint changed is stale;
+one whose inputs' size or mtime changed is stale unless their content is still the same (the same
+shards copied elsewhere are recognised). Stale files are rebuilt, never reused. Mixing and CFG
 dropout are applied at train time, never baked in.
 """
 
@@ -27,12 +29,13 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from t2i_recap.data import DataConfig, Record, Skip, collate
+from t2i_recap.identity import model_digest
 from t2i_recap.io import atomic_path, check_model_source
 from t2i_recap.logging_utils import get_logger
-from t2i_recap.text_encoders import DTYPES, TextEncoder, TextEncoderConfig, model_identity
+from t2i_recap.text_encoders import DTYPES, TextEncoder, TextEncoderConfig
 
 log = get_logger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CAPTIONS = ("original", "recaption")
 
 
@@ -97,11 +100,19 @@ class FeatureEncoder:
             "vae_dtype": self.cfg.vae_dtype,
             "latents": self.cfg.latents,
             "dtype": self.cfg.dtype,
-            "text_encoder": self.text.identity(),
+            "text_encoder": self._text_identity(),
             "resolution": data.resolution,
             "captions": {"original": data.original_caption, "recaption": data.recaption},
             "image_extensions": data.image_extensions,
         }
+
+    def _text_identity(self) -> dict:
+        t = self.text.cfg
+        out = {"max_length": self.text.max_length, "dtype": t.dtype, "model_type": self.text.model_type,
+               **model_identity(t.name_or_path, t.subfolder, t.revision)}
+        if t.tokenizer_subfolder or t.subfolder:  # the tokenizer lives elsewhere in the folder
+            out["tokenizer"] = model_identity(t.name_or_path, t.tokenizer_subfolder, t.revision)
+        return out
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -139,15 +150,29 @@ def latents_from(features: dict, generator: torch.Generator, scaling: float, shi
     return (mean - shift) * scaling
 
 
+def model_identity(name_or_path: str, subfolder: str = "", revision: str | None = None) -> dict:
+    """A local model by its content digest (never its path: the same files elsewhere are the same
+    model, files re-saved in place are another); a hub model by id, subfolder and revision."""
+    path = Path(name_or_path).expanduser() / subfolder
+    if path.exists():
+        return {"digest": model_digest(path)}
+    return {"id": name_or_path, "subfolder": subfolder, "revision": revision}
+
+
 def fingerprint_hash(fp: dict) -> str:
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _shard_file(cache_dir: Path, shard: str) -> Path:
-    return cache_dir / (shard.split(".")[0] + ".safetensors")
+    """`shard` is the source's shard id (`t2i_recap.shards.shard_id` for tar shards)."""
+    return cache_dir / f"{shard}.safetensors"
 
 
-def shard_is_fresh(path: Path, fp_hash: str, stat: dict) -> bool:
+def shard_is_fresh(path: Path, fp_hash: str, stat: dict, content=None) -> bool:
+    """True if the cache file at `path` was built with `fp_hash` from the same input.
+
+    `stat` (sizes and mtimes) equal: the same input. Otherwise `content()` (digests) decides.
+    """
     if not path.is_file():
         return False
     try:
@@ -155,7 +180,11 @@ def shard_is_fresh(path: Path, fp_hash: str, stat: dict) -> bool:
             meta = f.metadata() or {}
     except Exception:  # noqa: BLE001 - a damaged file is simply stale
         return False
-    return meta.get("fingerprint") == fp_hash and meta.get("source") == json.dumps(stat, sort_keys=True)
+    if meta.get("fingerprint") != fp_hash:
+        return False
+    if meta.get("source") == json.dumps(stat, sort_keys=True):
+        return True
+    return content is not None and meta.get("content") == json.dumps(content(), sort_keys=True)
 
 
 def _batches(source, index: int, size: int, stats: dict) -> Iterator[dict]:
@@ -177,6 +206,7 @@ def _batches(source, index: int, size: int, stats: dict) -> Iterator[dict]:
 def build_shard(encoder: FeatureEncoder, source, index: int, path: Path, fp_hash: str) -> dict:
     """Encode one input shard and write its cache file atomically; returns its counts."""
     stats = {"rows": 0, "skipped": 0, "original_truncated": 0, "recaption_truncated": 0}
+    before, content = source.shard_stat(index), source.shard_content(index)
     keys: list[str] = []
     parts: list[dict] = []
     for batch in _batches(source, index, encoder.cfg.encode_batch_size, stats):
@@ -190,7 +220,11 @@ def build_shard(encoder: FeatureEncoder, source, index: int, path: Path, fp_hash
         raise RuntimeError(f"shard {source.shards[index]} has no usable samples; cannot cache it")
     tensors = {k: torch.cat([p[k] for p in parts]).contiguous() for k in parts[0]}
     tensors = {k: (v.to(torch.uint8) if v.dtype == torch.bool else v) for k, v in tensors.items()}
-    meta = {"fingerprint": fp_hash, "source": json.dumps(source.shard_stat(index), sort_keys=True),
+    if source.shard_stat(index) != before:
+        raise RuntimeError(f"shard {source.shards[index]} (or its sidecar) changed while its features were "
+                           "computed (still being written?); run again once it is complete")
+    meta = {"fingerprint": fp_hash, "source": json.dumps(before, sort_keys=True),
+            "content": json.dumps(content, sort_keys=True),
             "keys": json.dumps(keys), "stats": json.dumps(stats)}
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata=meta)
@@ -227,7 +261,7 @@ def prepare_cache(encoder: FeatureEncoder, source, data: DataConfig, cache_dir: 
     mine = list(range(len(source.shards)))[rank::world]
     for i in tqdm(mine, desc="prepare", unit="shard", disable=rank != 0):
         path = _shard_file(cache_dir, source.shards[i])
-        if shard_is_fresh(path, fp_hash, source.shard_stat(i)):
+        if shard_is_fresh(path, fp_hash, source.shard_stat(i), lambda i=i: source.shard_content(i)):
             summary["fresh"] += 1
             continue
         if path.exists():

@@ -3,7 +3,7 @@
 Captions are named by a *field spec*, so any layout trains without conversion:
   "txt"               the `<key>.txt` tar member (any member extension works, e.g. "caption")
   "json:org_caption"  a field of the `<key>.json` member
-  "sidecar:re_caption" a column of the recaption sidecar `<recaption_dir>/<shard stem>.parquet`,
+  "sidecar:re_caption" a column of the recaption sidecar `<recaption_dir>/<shard id>.parquet`,
                       joined by key; rows whose status is not "ok" (the captioner's word for a
                       captioned row; "success" is accepted too) have no recaption
   "column:text"       a column of an HF dataset
@@ -33,16 +33,16 @@ import torch
 from PIL import Image, ImageOps
 
 from t2i_recap.captioner.images import to_rgb
+from t2i_recap.identity import file_digest, shard_digest
 from t2i_recap.io import expand_shards
 from t2i_recap.logging_utils import get_logger
-from t2i_recap.shards import iter_tar_samples
+from t2i_recap.shards import iter_tar_samples, shard_id
+from t2i_recap.sidecar_join import CAPTIONED, open_join
 
 log = get_logger(__name__)
 
 _SPEC_KINDS = ("json", "sidecar", "column")
-# Sidecar statuses of a usable recaption: the captioner writes "ok" (skipped/failed rows hold none);
-# "success" is img2dataset's word, used by hand-made sidecars.
-_CAPTIONED = ("ok", "success")
+_CAPTIONED = CAPTIONED  # sidecar statuses of a usable recaption (skipped/failed rows hold none)
 
 
 @dataclasses.dataclass
@@ -77,6 +77,8 @@ class DataConfig:
     """Records held in the shuffle buffer (per rank)."""
     num_workers: int = 0
     """DataLoader worker processes per rank for decoding."""
+    min_recaption_coverage: float = 0.99
+    """Share of a shard's samples that must find their row in its recaption sidecar; below it training stops."""
 
     def __post_init__(self) -> None:
         if self.shards and self.hf_dataset:
@@ -85,6 +87,8 @@ class DataConfig:
             parse_spec(getattr(self, name), f"data.{name}")
         if self.resolution < 8:
             raise ValueError(f"resolution must be >= 8, got {self.resolution}")
+        if not 0.0 <= self.min_recaption_coverage <= 1.0:
+            raise ValueError(f"min_recaption_coverage must be in [0, 1], got {self.min_recaption_coverage}")
         if self.shuffle_buffer < 1 or self.hf_rows_per_shard < 1 or self.num_workers < 0:
             raise ValueError("shuffle_buffer and hf_rows_per_shard must be >= 1, num_workers >= 0")
 
@@ -144,38 +148,44 @@ class WebDatasetSource:
     def __init__(self, cfg: DataConfig) -> None:
         self.cfg = cfg
         self.paths = expand_shards(cfg.shards)
-        self.shards = [p.name for p in self.paths]
+        self.shards = [shard_id(p) for p in self.paths]
+        _check_unique_ids(self.paths)
         self.specs = {"original": parse_spec(cfg.original_caption), "recaption": parse_spec(cfg.recaption)}
         if cfg.uses_sidecar() and not cfg.recaption_dir:
             raise ValueError("a caption spec reads the recaption sidecar (sidecar:...) but data.recaption_dir is not set")
 
-    def _sidecar(self, path: Path) -> dict[str, dict]:
-        import pyarrow.parquet as pq
-
-        side = Path(self.cfg.recaption_dir) / (path.name.split(".")[0] + ".parquet")
-        if not side.is_file():
-            raise FileNotFoundError(f"recaption sidecar {side} for shard {path} does not exist (captioner not run "
-                                    "or not finished for this shard?)")
-        table = pq.read_table(side)
-        if "key" not in table.column_names:
-            raise ValueError(f"recaption sidecar {side} has no 'key' column (columns: {table.column_names})")
-        return {row["key"]: row for row in table.to_pylist()}
+    def sidecar_file(self, index: int) -> Path:
+        return Path(self.cfg.recaption_dir) / f"{self.shards[index]}.parquet"
 
     def shard_stat(self, index: int) -> dict:
-        """What the feature cache compares to decide if a shard's cached features are stale."""
+        """Size and mtime of the shard (and its sidecar): the feature cache's cheap freshness check."""
         path = self.paths[index]
-        stat = {"shard": path.name, "size": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns}
+        stat = {"shard": self.shards[index], "size": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns}
         if self.cfg.uses_sidecar():
-            side = Path(self.cfg.recaption_dir) / (path.name.split(".")[0] + ".parquet")
+            side = self.sidecar_file(index)
             if side.is_file():
                 stat.update(sidecar_size=side.stat().st_size, sidecar_mtime_ns=side.stat().st_mtime_ns)
         return stat
 
+    def shard_content(self, index: int) -> dict:
+        """Content digests of the shard (and its sidecar): what a cache file is valid for, wherever it lies."""
+        out = {"shard": shard_digest(self.paths[index])}
+        if self.cfg.uses_sidecar() and self.sidecar_file(index).is_file():
+            out["sidecar"] = file_digest(self.sidecar_file(index))
+        return out
+
     def records(self, index: int) -> Iterator[Record]:
         path = self.paths[index]
-        side = self._sidecar(path) if self.cfg.uses_sidecar() else {}
+        join = (open_join(self.sidecar_file(index), path, self.cfg.min_recaption_coverage)
+                if self.cfg.uses_sidecar() else None)
+        seen: set[str] = set()
         for raw in iter_tar_samples(path):
-            yield Record(path.name, raw.key, (raw, side.get(raw.key)))
+            if raw.key in seen and raw.error is None:
+                raw.error = f"duplicate key {raw.key!r} in shard {path.name}; the first sample with it is used"
+            seen.add(raw.key)
+            yield Record(self.shards[index], raw.key, (raw, join.row(raw.key) if join and not raw.error else None))
+        if join is not None:
+            join.finish()
 
     def _caption(self, which: str, files: dict, meta: dict | None, row: dict | None) -> str | None:
         kind, name = self.specs[which]
@@ -202,9 +212,24 @@ class WebDatasetSource:
                 meta = json.loads(raw.files["json"])
             except ValueError as exc:
                 return Skip(rec.key, rec.shard, f"bad json member: {exc}")
+            if not isinstance(meta, dict):
+                if "json" in (self.specs["original"][0], self.specs["recaption"][0]):
+                    return Skip(rec.key, rec.shard, f"json member is a {type(meta).__name__}, not an object")
+                meta = None
         original = self._caption("original", raw.files, meta, row)
         recaption = self._caption("recaption", raw.files, meta, row)
         return _example(rec, raw.files[ext], original, recaption, self.cfg.resolution)
+
+
+def _check_unique_ids(paths: list[Path]) -> None:
+    """Two shards with one id would share a sidecar and a cache file: one trained twice, one never."""
+    seen: dict[str, Path] = {}
+    for p in paths:
+        sid = shard_id(p)
+        if sid in seen:
+            raise ValueError(f"shards {seen[sid]} and {p} have the same shard id {sid!r} (their sidecar and cache "
+                             "file would be one); rename one or train them from separate runs")
+        seen[sid] = p
 
 
 class HFDatasetSource:
@@ -234,6 +259,9 @@ class HFDatasetSource:
 
     def shard_stat(self, index: int) -> dict:
         return {"shard": self.shards[index], "rows": list(self.ranges[index]), "dataset": self.ds._fingerprint}
+
+    def shard_content(self, index: int) -> dict:
+        return self.shard_stat(index)  # datasets' fingerprint is already a digest of the content
 
     def records(self, index: int) -> Iterator[Record]:
         start, stop = self.ranges[index]

@@ -78,6 +78,8 @@ def test_cache_equals_on_the_fly_and_stale_cache_is_rebuilt(tmp_path, train_asse
     train(from_dict(TrainConfig, cached))
     _assert_close(_tensors(tmp_path / "fly", 3, "model"), _tensors(tmp_path / "cached", 3, "model"), atol=1e-5)
 
+    import pyarrow.parquet as pq
+
     from t2i_recap import cache
     from t2i_recap.data import build_source
 
@@ -85,7 +87,10 @@ def test_cache_equals_on_the_fly_and_stale_cache_is_rebuilt(tmp_path, train_asse
     enc = cache.FeatureEncoder(cfg.features, cfg.text_encoder)
     src = build_source(cfg.data)
     assert cache.prepare_cache(enc, src, cfg.data, cache_dir)["fresh"] == 2  # nothing changed: reused
-    os.utime(side / "00001.parquet", ns=(1, 1))  # a re-run captioner rewrote one sidecar
+    os.utime(side / "00001.parquet", ns=(1, 1))  # touched, same content: still fresh
+    assert cache.prepare_cache(enc, src, cfg.data, cache_dir)["fresh"] == 2
+    table = pq.read_table(side / "00001.parquet")  # a re-run captioner rewrote one sidecar (same rows)
+    pq.write_table(table.replace_schema_metadata({"captioner": "rerun"}), side / "00001.parquet")
     assert cache.prepare_cache(enc, src, cfg.data, cache_dir)["built"] == 1
     shorter = from_dict(TrainConfig, {**cached, "text_encoder": {**cached["text_encoder"], "max_length": 16}})
     enc2 = cache.FeatureEncoder(shorter.features, shorter.text_encoder)
