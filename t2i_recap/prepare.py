@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from t2i_recap.config import ConfigError, load_config
 from t2i_recap.logging_utils import setup_logging
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from t2i_recap import cache
     from t2i_recap.data import build_source
+    from t2i_recap.sidecar_join import RecaptionCoverageError, SidecarMismatchError
     from t2i_recap.train_config import TrainConfig
 
     cfg = load_config(TrainConfig, args.config, args.set)
@@ -36,8 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     fp_hash = cache.fingerprint_hash(encoder.fingerprint(cfg.data))
     if rank == 0:
         cache.write_fingerprint(encoder, cfg.data, cfg.features.cache_dir)
-    summary = cache.prepare_cache(encoder, source, cfg.data, cfg.features.cache_dir, rank=rank, world=world,
-                                  fp_hash=fp_hash)
+    try:
+        summary = cache.prepare_cache(encoder, source, cfg.data, cfg.features.cache_dir, rank=rank, world=world,
+                                      fp_hash=fp_hash)
+    except (SidecarMismatchError, RecaptionCoverageError, FileNotFoundError) as exc:
+        print(f"t2i-recap prepare: error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps({"rank": rank, **summary}))
     return 0
 
