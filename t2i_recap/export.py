@@ -1,23 +1,30 @@
 """`t2i-recap export --run DIR --out DIR`: a run's checkpoint as a diffusers pipeline folder.
 
-The folder loads with `DiffusionPipeline.from_pretrained(OUT)` as a PixArtAlphaPipeline
-(transformer, vae, text_encoder, tokenizer, scheduler); OUT/t2i_recap.json holds the generation
-defaults evaluation reads (resolution, max_sequence_length, objective, num_inference_steps,
-guidance_scale), and OUT/README.md is a model card with the config and the data provenance.
+The folder loads with plain diffusers, `DiffusionPipeline.from_pretrained(OUT)`, as a
+PixArtAlphaPipeline (transformer, vae, text_encoder, tokenizer, scheduler), every part in float32,
+and `pipe(prompt)` with diffusers' defaults generates at the trained size where diffusers allows it
+(`plain_call`); OUT/t2i_recap.json holds the trained size and the generation defaults evaluation
+reads (resolution, max_sequence_length, objective, num_inference_steps, guidance_scale), and
+OUT/README.md is a model card with the call, the config and the data provenance.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
-import shutil
+import sys
 from pathlib import Path
 
+import torch
 import yaml
 
+from t2i_recap.io import DiskFullError, RefusedOverwriteError, output_dir
 from t2i_recap.logging_utils import get_logger, setup_logging
 
 log = get_logger(__name__)
+KIND = "export"
+PROMPT = "a red circle in the top left corner"
 
 
 def _sidecar_provenance(recaption_dir: str | None) -> dict:
@@ -35,6 +42,122 @@ def _sidecar_provenance(recaption_dir: str | None) -> dict:
     return {"sidecars": len(files), "first_sidecar": files[0].name, "metadata": out}
 
 
+# ---------------------------------------------------------------- what plain diffusers does
+
+
+def pipeline_default(name: str):
+    """The default of PixArtAlphaPipeline.__call__'s argument `name` in the installed diffusers."""
+    from diffusers import PixArtAlphaPipeline
+
+    return inspect.signature(PixArtAlphaPipeline.__call__).parameters[name].default
+
+
+def _binning_tables() -> dict:
+    # PixArtAlphaPipeline.__call__ picks its aspect-ratio buckets by transformer.config.sample_size
+    # alone and raises "Invalid sample size" for any other (diffusers pipeline_pixart_alpha.py).
+    from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as alpha
+
+    return {128: alpha.ASPECT_RATIO_1024_BIN, 64: alpha.ASPECT_RATIO_512_BIN, 32: alpha.ASPECT_RATIO_256_BIN}
+
+
+def plain_call(sample_size: int, vae_scale: int) -> tuple[str, str | None]:
+    """The shortest diffusers call that generates at the trained size, and why it needs an argument.
+
+    With no height/width the pipeline generates at sample_size * vae_scale (the trained size). Its
+    resolution binning (on by default) then moves that to a bucket of a table chosen by sample_size;
+    the tables assume PixArt's 8x VAE, so the plain call is faithful only when the square bucket is
+    the trained size itself (256, 512 or 1024 px with an 8x VAE). The bucket size is a function of
+    sample_size and the VAE, both fixed by the trained weights: no honest export changes it.
+    """
+    size = sample_size * vae_scale
+    table = _binning_tables().get(sample_size)
+    if table is None:
+        reason = (f"diffusers' resolution binning (on by default) knows only transformer sample sizes "
+                  f"{', '.join(map(str, sorted(_binning_tables())))} (PixArt's latents of 256, 512, 1024 px under "
+                  f"an 8x VAE) and raises 'Invalid sample size' for this model's {sample_size}x{sample_size} "
+                  f"latent ({size} px under a {vae_scale}x VAE)")
+    else:
+        from diffusers.image_processor import PixArtImageProcessor
+
+        binned = PixArtImageProcessor.classify_height_width_bin(size, size, ratios=table)
+        if binned == (size, size):
+            return "pipe(prompt)", None
+        reason = (f"diffusers' resolution binning (on by default) would generate at {binned[0]}x{binned[1]} px, "
+                  f"its bucket for sample size {sample_size} under an 8x VAE, and resize that to {size} px; "
+                  f"this model was trained at {size} px under a {vae_scale}x VAE")
+    return "pipe(prompt, use_resolution_binning=False)", reason
+
+
+def extend_clip_positions(model, length: int):
+    """Give a CLIPTextModel `length` position rows: the trained rows unchanged, the last one repeated.
+
+    PixArtAlphaPipeline tokenizes to max_sequence_length (default 120) tokens and CLIP has 77
+    positions, so without this the plain call fails. CLIP's text attention is causal and the pipeline
+    passes the padding mask, so hidden states at positions below 77 do not depend on the new rows,
+    and the DiT's cross-attention masks padding: prompts that fit the trained length are encoded
+    exactly as in training. Longer prompts are not: training cut them at its length, the pipeline
+    keeps up to `length` tokens, and the rows past 77 were never trained (they repeat row 76).
+    """
+    emb = getattr(model, "text_model", model).embeddings  # transformers < 5 wraps the tower in .text_model
+    old = emb.position_embedding.weight.data
+    if length <= old.shape[0]:
+        return model
+    table = torch.nn.Embedding(length, old.shape[1], device=old.device, dtype=old.dtype)
+    table.weight.data.copy_(torch.cat([old, old[-1:].expand(length - old.shape[0], -1)]))
+    emb.position_embedding = table
+    emb.position_ids = torch.arange(length, device=old.device).expand((1, -1))
+    model.config.max_position_embeddings = length
+    return model
+
+
+# ---------------------------------------------------------------- the folder
+
+
+def _text_note(model_type: str, trained_len: int, positions: tuple[int, int] | None) -> str:
+    default = pipeline_default("max_sequence_length")
+    if positions:
+        n, extended = positions
+        return (f"CLIP has {n} positions and the pipeline's default max_sequence_length is {default}, so the "
+                f"exported text encoder has {extended} position rows: the first {n} unchanged, the rest copies of "
+                f"row {n - 1}. CLIP's attention is causal and padding is masked, so prompts of up to {trained_len} "
+                f"tokens are encoded exactly as in training. Longer prompts are not: training cut captions at "
+                f"{trained_len} tokens, the plain call keeps up to {default}, and tokens past {n} get untrained "
+                f"position rows; pass max_sequence_length={trained_len} to cut as training did.")
+    if trained_len == default:
+        return f"The text encoder ({model_type}) was trained at {trained_len} tokens, the pipeline's default."
+    return (f"The text encoder ({model_type}) was trained at {trained_len} tokens and the pipeline's default "
+            f"max_sequence_length is {default}: prompts of up to {min(trained_len, default)} tokens are encoded as "
+            f"in training (padding is masked); pass max_sequence_length={trained_len} to cut longer ones as "
+            "training did.")
+
+
+def usage(settings: dict) -> list[str]:
+    """The model card's "Use" section: the plain diffusers call first, then the training settings."""
+    res, call = settings["resolution"], settings["diffusers_call"].replace("prompt", repr(PROMPT), 1)
+    lines = ["## Use", "", "Plain diffusers (t2i-recap need not be installed; no `trust_remote_code`):", "",
+             "```python", "from diffusers import DiffusionPipeline", "",
+             "pipe = DiffusionPipeline.from_pretrained('THIS_FOLDER')",
+             f"image = {call}.images[0]  # {res}x{res}", "```", ""]
+    if settings["diffusers_call_reason"]:
+        lines += [f"`use_resolution_binning=False` is needed: {settings['diffusers_call_reason']}.", ""]
+    lines += [
+        f"That call uses diffusers' defaults ({pipeline_default('num_inference_steps')} steps, guidance "
+        f"{pipeline_default('guidance_scale')}). The settings this model was validated with (t2i_recap.json):", "",
+        "```python",
+        f"image = pipe({PROMPT!r}, num_inference_steps={settings['num_inference_steps']}, "
+        f"guidance_scale={settings['guidance_scale']}, height={res}, width={res}, "
+        f"max_sequence_length={settings['max_sequence_length']}, use_resolution_binning=False, "
+        "clean_caption=False).images[0]", "```", "",
+        "or, with t2i-recap installed, `pipe, settings = t2i_recap.generation.load_pipeline('THIS_FOLDER')` and "
+        f"`generate_from_settings(pipe, settings, [{PROMPT!r}], [0])`.", "",
+        f"- {settings['text_note']}",
+        "- The pipeline lowercases and strips every prompt, and with beautifulsoup4 and ftfy installed its "
+        "default clean_caption=True rewrites it further; training encoded captions as written.",
+        f"- Every part is stored in {settings['dtype']}; load with `torch_dtype=torch.bfloat16` to run in bf16.", "",
+    ]
+    return lines
+
+
 def model_card(cfg, state: dict, settings: dict, weights: str, provenance: dict) -> str:
     from t2i_recap.config import to_dict
 
@@ -47,10 +170,7 @@ def model_card(cfg, state: dict, settings: dict, weights: str, provenance: dict)
         f"`{cfg.text_encoder.name_or_path}` ({settings['max_sequence_length']} tokens) over the VAE "
         f"`{cfg.features.vae}`. Weights: {weights}, step {state.get('step')}, "
         f"{state.get('samples')} training samples seen.", "",
-        "## Use", "", "```python", "from diffusers import DiffusionPipeline",
-        "from t2i_recap.generation import load_pipeline, generate_from_settings",
-        "pipe, settings = load_pipeline('THIS_FOLDER')",
-        "images = generate_from_settings(pipe, settings, ['a red circle in the top left corner'], [0])", "```", "",
+        *usage(settings),
         "## Captions", "",
         f"- share of ORIGINAL captions p = {cfg.mixing.p}; CFG dropout {cfg.mixing.cfg_dropout}",
         f"- original caption field `{cfg.data.original_caption}`, recaption field `{cfg.data.recaption}`",
@@ -66,22 +186,15 @@ def model_card(cfg, state: dict, settings: dict, weights: str, provenance: dict)
     return "\n".join(lines) + "\n"
 
 
-def export(run_dir: str | Path, out: str | Path, *, checkpoint: str = "latest", weights: str = "ema",
-           overwrite: bool = False, num_inference_steps: int | None = None, guidance_scale: float | None = None) -> Path:
+def build_pipeline(cfg, ck: dict, weights: str):
+    """(PixArtAlphaPipeline in float32, the weights used, the text encoder, the CLIP position rows it was
+    extended to or None)."""
     from diffusers import PixArtAlphaPipeline
 
     from t2i_recap import cache
-    from t2i_recap.checkpoint import CheckpointConfig, Checkpointer
-    from t2i_recap.config import load_config
     from t2i_recap.models import build_model
     from t2i_recap.objectives import build_objective
-    from t2i_recap.train_config import TrainConfig
 
-    run_dir, out = Path(run_dir), Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    cfg = load_config(TrainConfig, run_dir / "config.yaml")
-    ck = Checkpointer.load(Checkpointer(run_dir, CheckpointConfig()).resolve(checkpoint))
     encoder = cache.FeatureEncoder(cfg.features, cfg.text_encoder, "cpu")
     transformer = build_model(cfg.model, latent_channels=encoder.latent_channels,
                               latent_size=cfg.data.resolution // encoder.downsample,
@@ -91,26 +204,53 @@ def export(run_dir: str | Path, out: str | Path, *, checkpoint: str = "latest", 
         transformer.load_state_dict(ck["ema"], strict=False)  # EMA holds the parameters; buffers come from the model
     else:
         weights = "model"
-    objective = build_objective(cfg.objective)
-    pipe = PixArtAlphaPipeline(tokenizer=encoder.text.tokenizer, text_encoder=encoder.text.model, vae=encoder.vae,
-                               transformer=transformer.eval(), scheduler=objective.scheduler())
-    settings = {
-        "resolution": cfg.data.resolution, "max_sequence_length": encoder.text.max_length,
-        "objective": cfg.objective.name,
-        "num_inference_steps": num_inference_steps or cfg.validation.num_inference_steps,
-        "guidance_scale": guidance_scale if guidance_scale is not None else cfg.validation.guidance_scale,
-        "model": cfg.model.name, "step": ck["state"]["step"], "weights": weights, "caption_p": cfg.mixing.p,
-        "text_encoder": cfg.text_encoder.name_or_path, "vae": cfg.features.vae,
-    }
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(str(tmp), safe_serialization=True)
-    (tmp / "t2i_recap.json").write_text(json.dumps(settings, indent=2))
-    card = model_card(cfg, ck["state"], settings, weights, _sidecar_provenance(cfg.data.recaption_dir))
-    (tmp / "README.md").write_text(card, encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    # One dtype for every part: plain diffusers loads each in its stored dtype and cannot run a bf16
+    # text encoder beside a float32 transformer. Upcasting a bf16/fp16 encoder or VAE is exact.
+    text_model, positions = encoder.text.model.float(), None
+    default_len = pipeline_default("max_sequence_length")
+    if encoder.text.model_type.startswith("clip") and text_model.config.max_position_embeddings < default_len:
+        positions = (text_model.config.max_position_embeddings, default_len)
+        extend_clip_positions(text_model, default_len)
+    pipe = PixArtAlphaPipeline(tokenizer=encoder.text.tokenizer, text_encoder=text_model, vae=encoder.vae.float(),
+                               transformer=transformer.float().eval(), scheduler=build_objective(cfg.objective).scheduler())
+    return pipe, weights, encoder.text, positions
+
+
+def export(run_dir: str | Path, out: str | Path, *, checkpoint: str = "latest", weights: str = "ema",
+           overwrite: bool = False, num_inference_steps: int | None = None, guidance_scale: float | None = None) -> Path:
+    """Write the run's checkpoint as a pipeline folder at `out`.
+
+    `overwrite` replaces only an earlier export (its marker file says so), never the run, a folder
+    holding it or any other folder; the check runs before any work, and a failed export leaves `out`
+    as it was and no temporary folder.
+    """
+    from t2i_recap.checkpoint import CheckpointConfig, Checkpointer
+    from t2i_recap.config import load_config
+    from t2i_recap.train_config import TrainConfig
+
+    run_dir, out = Path(run_dir), Path(out)
+    ck_path = Checkpointer(run_dir, CheckpointConfig()).resolve(checkpoint)
+    with output_dir(out, kind=KIND, overwrite=overwrite, protect=(run_dir, ck_path)) as tmp:
+        cfg = load_config(TrainConfig, run_dir / "config.yaml")
+        ck = Checkpointer.load(ck_path)
+        pipe, weights, text, positions = build_pipeline(cfg, ck, weights)
+        call, reason = plain_call(pipe.transformer.config.sample_size, pipe.vae_scale_factor)
+        settings = {
+            "resolution": cfg.data.resolution, "max_sequence_length": text.max_length,
+            "objective": cfg.objective.name,
+            "num_inference_steps": num_inference_steps or cfg.validation.num_inference_steps,
+            "guidance_scale": guidance_scale if guidance_scale is not None else cfg.validation.guidance_scale,
+            "model": cfg.model.name, "step": ck["state"]["step"], "weights": weights, "caption_p": cfg.mixing.p,
+            "text_encoder": cfg.text_encoder.name_or_path, "vae": cfg.features.vae, "dtype": "float32",
+            "text_encoder_positions": positions and positions[1], "diffusers_call": call, "diffusers_call_reason": reason,
+            "text_note": _text_note(text.model_type, text.max_length, positions),
+        }
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / "t2i_recap.json").write_text(json.dumps(settings, indent=2))
+        card = model_card(cfg, ck["state"], settings, weights, _sidecar_provenance(cfg.data.recaption_dir))
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+    if reason:
+        log.info("plain diffusers needs %s: %s", call, reason)
     log.info("exported %s (%s weights, step %d) to %s", run_dir, weights, ck["state"]["step"], out)
     return out
 
@@ -123,11 +263,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA weights (default, when kept) or raw")
     p.add_argument("--num-inference-steps", type=int, default=None, help="default sampler steps recorded for users")
     p.add_argument("--guidance-scale", type=float, default=None, help="default CFG scale recorded for users")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export at --out (only a folder t2i-recap export wrote)")
     args = p.parse_args(argv)
     setup_logging()
-    out = export(args.run, args.out, checkpoint=args.checkpoint, weights=args.weights, overwrite=args.overwrite,
-                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
+    try:
+        out = export(args.run, args.out, checkpoint=args.checkpoint, weights=args.weights, overwrite=args.overwrite,
+                     num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
+    except (DiskFullError, RefusedOverwriteError) as exc:
+        print(f"t2i-recap export: {exc}", file=sys.stderr)
+        return 1
     print(out)
     return 0
 
