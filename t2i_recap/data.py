@@ -112,7 +112,8 @@ def _clean(text: Any) -> str | None:
     """A usable caption or None (missing, null, empty, not a string)."""
     if not isinstance(text, str):
         return None
-    text = text.strip()
+    # A lone surrogate (JSON "\\ud800") is no character and makes tokenizers raise: U+FFFD instead.
+    text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").strip()
     return text or None
 
 
