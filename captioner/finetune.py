@@ -20,7 +20,6 @@ import dataclasses
 import json
 import math
 import random
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from PIL import Image
 
 from t2i_recap.config import load_config, save_config, to_dict
-from t2i_recap.io import atomic_write_text, expand_shards
+from t2i_recap.io import atomic_write_text, check_replaceable, expand_shards, output_dir
 from t2i_recap.logging_utils import get_logger, setup_logging
 from t2i_recap.shards import iter_tar_samples
 
@@ -548,26 +547,32 @@ def train(model, batcher: Batcher, examples: list[Example], o: TrainSettings) ->
             "trainable_parameters": sum(p.numel() for p in params), "device": str(device)}
 
 
+OUTPUT_KIND = "captioner"
+
+
+def _inputs(cfg: FinetuneConfig) -> tuple[str, ...]:
+    """Local folders this run reads, which its output must never replace."""
+    return tuple(p for p in (cfg.model, cfg.build.clip) if p and Path(p).exists())
+
+
 def save(model, processor, out: Path, cfg: FinetuneConfig, summary: dict) -> None:
-    """Write the folder beside `out` and rename it into place, so `out` is complete or absent."""
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.lora.enabled and hasattr(model, "merge_and_unload"):
-        if not cfg.lora.merge:
-            model.save_pretrained(str(tmp / "adapter"))  # adapter_model.safetensors + adapter_config.json
-        model = model.merge_and_unload()
-    model.save_pretrained(str(tmp))
-    processor.save_pretrained(str(tmp))
-    save_config(cfg, tmp / "finetune_config.yaml")
-    atomic_write_text(tmp / "finetune.json", json.dumps(summary, indent=2, sort_keys=True))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    """Write the folder beside `out` and rename it into place, so `out` is complete or absent; an
+    existing `out` is replaced only when it is an earlier fine-tune's output (io.output_dir)."""
+    with output_dir(out, kind=OUTPUT_KIND, overwrite=True, protect=_inputs(cfg)) as tmp:
+        if cfg.lora.enabled and hasattr(model, "merge_and_unload"):
+            if not cfg.lora.merge:
+                model.save_pretrained(str(tmp / "adapter"))  # adapter_model.safetensors + adapter_config.json
+            model = model.merge_and_unload()
+        model.save_pretrained(str(tmp))
+        processor.save_pretrained(str(tmp))
+        save_config(cfg, tmp / "finetune_config.yaml")
+        atomic_write_text(tmp / "finetune.json", json.dumps(summary, indent=2, sort_keys=True))
 
 
 def finetune(cfg: FinetuneConfig, out: str | Path) -> dict:
     """Read pairs, build or load the captioner, train, save to `out`. Returns the summary."""
     out = Path(out)
+    check_replaceable(out, kind=OUTPUT_KIND, overwrite=True, protect=_inputs(cfg))  # before training, not after
     pairs, skipped = read_pairs(cfg.data)
     if not pairs:
         raise ValueError(f"{cfg.data.shards}: no usable (image, caption) pairs (skipped: {dict(skipped)})")

@@ -168,6 +168,8 @@ def check_replaceable(out: str | Path, *, kind: str, overwrite: bool, protect: I
     out = Path(out)
     if not out.exists() and not out.is_symlink():
         return
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return  # an empty folder (made ahead by the user): nothing to lose
     if not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     resolved = out.resolve()
@@ -194,8 +196,8 @@ def replace_dir(tmp: str | Path, out: str | Path, *, kind: str, overwrite: bool,
     """
     tmp, out = Path(tmp), Path(out)
     check_replaceable(out, kind=kind, overwrite=overwrite, protect=protect, owned=owned)
-    if not out.exists():
-        os.replace(tmp, out)
+    if not out.exists() or not any(out.iterdir()):
+        os.replace(tmp, out)  # onto an empty folder, too
         return out
     aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
     os.replace(out, aside / out.name)

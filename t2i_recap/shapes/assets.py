@@ -25,16 +25,14 @@ import dataclasses
 import hashlib
 import importlib
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 from t2i_recap.config import ConfigError, load_config, to_dict
-from t2i_recap.io import atomic_write_text
+from t2i_recap.io import atomic_write_text, output_dir
 from t2i_recap.logging_utils import get_logger, setup_logging
 from t2i_recap.shapes.train_clip import ClipTrainConfig
 from t2i_recap.shapes.train_vae import VaeTrainConfig
@@ -151,22 +149,14 @@ def _locked(out: Path) -> Iterator[None]:
 
 
 def _build_dir(out: Path, part: str, build: Callable[[Path], dict]) -> dict:
-    """Run `build` into a temporary folder and rename it onto out/part (old copy removed after)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{part}.tmp-", dir=out))
-    try:
-        record = build(tmp)
-        final = out / part
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{part}.old-", dir=out))
-            os.replace(final, old / part)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        return record
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    """Run `build` into a temporary folder and rename it onto out/part (old copy removed after).
+
+    An existing out/part is replaced only when this command wrote it: its marker file says so, or
+    assets.json lists it (parts built before the marker existed); a folder of the user's is refused.
+    """
+    owned = part in read_manifest(out).get("parts", {})
+    with output_dir(out / part, kind=f"shapes-{part}", overwrite=True, owned=owned) as tmp:
+        return build(tmp)
 
 
 def _build_tokenizer(folder: Path, cfg: AssetsConfig, out: Path) -> dict:
