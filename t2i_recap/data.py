@@ -112,7 +112,7 @@ def _clean(text: Any) -> str | None:
     """A usable caption or None (missing, null, empty, not a string)."""
     if not isinstance(text, str):
         return None
-    # A lone surrogate (JSON "\\ud800") is no character and makes tokenizers raise: U+FFFD instead.
+    # A lone surrogate (JSON "\ud800") is no character and makes tokenizers raise: U+FFFD instead.
     text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").strip()
     return text or None
 

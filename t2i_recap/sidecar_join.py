@@ -21,6 +21,7 @@ log = get_logger(__name__)
 # Sidecar statuses of a usable recaption: the captioner writes "ok"; "success" is img2dataset's word.
 CAPTIONED = ("ok", "success")
 _warned: set[str] = set()
+_EPS = 1e-9  # 8 of 10 meets a coverage of 0.8, though 1 - 0.8 < 0.2 in floating point
 
 
 class SidecarMismatchError(ValueError):
@@ -48,9 +49,18 @@ class SidecarJoin:
         row = self.rows.get(key)
         if row is not None:
             self.found += 1
-        elif self.missing > (1.0 - self.min_coverage) * max(len(self.rows), self.samples):
+        elif self._cannot_be_met():
             raise self._error()
         return row
+
+    def _cannot_be_met(self) -> bool:
+        """True once the shard's final coverage is sure to fall short, however many samples follow.
+
+        At most len(rows) more samples can find a row, so the shard ends with at most
+        len(rows) + missing samples; it fails for sure once missing > (1 - c) / c * len(rows).
+        """
+        c = self.min_coverage
+        return c > 0 and c * self.missing > (1.0 - c) * len(self.rows) + _EPS
 
     @property
     def missing(self) -> int:
@@ -58,7 +68,7 @@ class SidecarJoin:
 
     def finish(self) -> None:
         """Called after the shard's last sample: the shard-level coverage check."""
-        if self.samples and self.missing > (1.0 - self.min_coverage) * self.samples:
+        if self.samples and self.missing > (1.0 - self.min_coverage) * self.samples + _EPS:
             raise self._error()
 
     def _error(self) -> RecaptionCoverageError:
