@@ -6,7 +6,10 @@
 Resume: a shard whose sidecar exists is skipped; a killed run redoes only the shards it had not
 finished (sidecars appear atomically). Scale-out: shard i goes to rank i % world_size (ranks from
 accelerate/torchrun's RANK and WORLD_SIZE), a stable split with no overlap and no gap, whatever
-was finished before.
+was finished before. Processes that overlap (two runs on one --out) share the work through
+per-shard claims (`t2i_recap.claims`): no shard is captioned twice, and a dead process's shard is
+taken over. SIGTERM/SIGINT stop at the next batch boundary: finished sidecars stay, the current
+shard leaves nothing visible, and the exit code is 128 + the signal number (143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -17,15 +20,17 @@ import dataclasses
 import json
 import os
 import queue
+import signal
 import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 from tqdm import tqdm
 
+from t2i_recap.claims import ClaimConfig, ClaimLost, Claims
 from t2i_recap.config import ConfigError, load_config, save_config
 from t2i_recap.identity import describe, model_digest, stamp
 from t2i_recap.io import DiskFullError
@@ -73,6 +78,8 @@ class CaptionRunConfig:
     """Batches read and decoded ahead in a background thread, so decoding overlaps generation."""
     reader: ReaderConfig = dataclasses.field(default_factory=ReaderConfig)
     """How the input is read."""
+    claims: ClaimConfig = dataclasses.field(default_factory=ClaimConfig)
+    """Heartbeat and stale timeout of the per-shard claims that keep overlapping runs apart."""
     allow_empty_shards: bool = False
     """A shard where every sample was skipped is an error (exit 1) unless this is set."""
 
@@ -195,7 +202,9 @@ class ShardCaptioner:
         self.backend, self.cfg = backend, cfg
         self.pipelined = callable(getattr(backend, "prepare", None)) and callable(getattr(backend, "generate", None))
 
-    def run(self, shard: Shard, progress: tqdm | None = None) -> tuple[list[Row], Counts]:
+    def run(self, shard: Shard, progress: tqdm | None = None,
+            at_batch: Callable[[], None] | None = None) -> tuple[list[Row], Counts]:
+        """`at_batch` is called before each batch is started; it raises to abandon the shard."""
         rows: list[Row] = []
         pending: list[tuple[Row, object, str]] = []
         seen: set[str] = set()
@@ -205,8 +214,12 @@ class ShardCaptioner:
             for sample in prefetch(shard.samples(), self.cfg.prefetch_batches * self.cfg.batch_size):
                 rows.append(self._row(sample, seen, shard.name, pending))
                 if len(pending) >= self.cfg.batch_size:
+                    if at_batch is not None:
+                        at_batch()
                     self._submit(pending, pool, inflight, progress)
                     pending = []
+            if pending and at_batch is not None:
+                at_batch()
             self._submit(pending, pool, inflight, progress)
             while inflight:
                 self._finish(*inflight.popleft(), progress)
@@ -354,17 +367,48 @@ def caption_run(cfg: CaptionRunConfig, dist: Dist | None = None, backend=None) -
         backend = make_backend(cfg.backend, cfg.model, device=device, dtype=cfg.dtype,
                                trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
     worker = ShardCaptioner(backend, cfg)
-    for shard in todo:
+    claims = Claims(out, cfg.claims)
+    summary.update(shards_done_elsewhere=0, shards_lost=[], interrupted=None, claim_owner=claims.owner.describe())
+
+    def is_done(s: Shard) -> bool:  # asked again once claimed: another process may have just finished it
+        return stale_reason(sidecar_path(out, s.name), fingerprint, model_path=model_path,
+                            shard_file=shard_file(s)) is None
+
+    with StopSignals() as stop:
+        claimed = claims.each(todo, lambda s: s.name, is_done, stop.event)
+        try:
+            _caption_claimed(claimed, worker, cfg, backend, dist, summary, stop, claims.owner.describe())
+        finally:
+            claimed.close()  # releases the claim in hand when the loop ended early
+        summary["interrupted"] = stop.signal_name
+    claims.prune()
+    summary["shards_done_elsewhere"] = len(claims.finished_elsewhere)
+    summary["counts"] = dataclasses.asdict(summary["counts"])
+    return summary
+
+
+def _caption_claimed(claimed, worker: ShardCaptioner, cfg: CaptionRunConfig, backend, dist: Dist, summary: dict,
+                     stop: "StopSignals", owner: dict) -> None:
+    """Caption each shard this process holds the claim on; a stop signal ends the loop at a batch boundary."""
+    out = Path(cfg.out)
+    for shard, claim in claimed:
         path = sidecar_path(out, shard.name)
-        remove_stale_temps(path)
+        remove_stale_temps(path)  # only the claim holder may: another process could be writing it otherwise
         bar = tqdm(desc=f"{shard.name}", unit="img", disable=dist.rank != 0 or not sys.stderr.isatty())
         try:
             source = _describe(shard)
-            rows, counts = worker.run(shard, bar)
+            rows, counts = worker.run(shard, bar, at_batch=lambda: stop.check() or claim.check())
             _check_unchanged(shard, source)
             if source is not None:
                 source["samples"] = len(rows)
-            write_sidecar(path, rows, shard_metadata(cfg, backend, shard, counts, dist, source))
+            claim.check()  # a process that stalled past the stale timeout must not overwrite the taker's work
+            write_sidecar(path, rows, {**shard_metadata(cfg, backend, shard, counts, dist, source), "claim": owner})
+        except Stopped:
+            log.warning("%s: stopped by %s before it was finished; no sidecar written", shard.name, stop.signal_name)
+            return
+        except ClaimLost as exc:
+            summary["shards_lost"].append({"shard": shard.name, "error": str(exc)})
+            continue
         except DiskFullError:
             raise
         except Exception as exc:  # noqa: BLE001 - an unreadable shard must not stop the others
@@ -382,8 +426,46 @@ def caption_run(cfg: CaptionRunConfig, dist: Dist | None = None, backend=None) -
             summary["shards_empty"].append(shard.name)
         log.info("%s: %d ok, %d skipped, %d failed, %d hit the cap, %d repetitive (%.1f s)", shard.name,
                  counts.ok, counts.skipped, counts.failed, counts.length, counts.repetition, counts.seconds)
-    summary["counts"] = dataclasses.asdict(summary["counts"])
-    return summary
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT arrived; the current shard is abandoned at a batch boundary."""
+
+
+class StopSignals:
+    """Turn SIGTERM/SIGINT into a flag checked at batch boundaries (a preempted job gets SIGTERM, then
+    SIGKILL after a grace period: finishing the batch in hand and writing nothing half-done fits it).
+    A second SIGINT stops at once. Handlers are installed only in the main thread, where Python allows."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+
+    @property
+    def signal_name(self) -> str | None:
+        return None if self.signum is None else signal.Signals(self.signum).name
+
+    def check(self) -> None:
+        if self.event.is_set():
+            raise Stopped(self.signal_name)
+
+    def _handle(self, signum, frame) -> None:
+        if self.event.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.warning("%s received: stopping at the next batch boundary", signal.Signals(signum).name)
+        self.signum = signum
+        self.event.set()
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 # ---------------------------------------------------------------- CLI
@@ -451,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"t2i-recap caption run: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))
+    if summary["interrupted"]:
+        return 128 + signal.Signals[summary["interrupted"]].value  # the shell's code for death by that signal
     if summary["shards_empty"] and not cfg.allow_empty_shards:
         print(f"t2i-recap caption run: error: every sample was skipped in shard(s) {summary['shards_empty']} "
               "(pass --allow-empty-shards to accept that)", file=sys.stderr)
