@@ -20,7 +20,7 @@ os.umask(_UMASK)
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$")
 # Written into every folder this project creates to be replaced later (an export, a fine-tuned
 # captioner, a shapes asset part): `--overwrite` removes only folders that hold it.
-OUTPUT_MARKER = ".t2i-recap-output"
+OUTPUT_MARKER = ".t2i-recap-output.json"
 _DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # EDQUOT: a full quota
 
 

@@ -152,7 +152,7 @@ def test_export_records_and_documents_the_call(exports):
         if text == "clip":
             assert te["max_position_embeddings"] == pipeline_default("max_sequence_length") == s["text_encoder_positions"]
             assert "untrained position rows" in card
-        assert (folder / ".t2i-recap-output").is_file()
+        assert (folder / ".t2i-recap-output.json").is_file()
 
 
 def test_plain_call_rules():
