@@ -50,7 +50,7 @@ class DataConfig:
     shards: str | None = None
     """img2dataset webdataset shards: a folder, glob or brace pattern (data/{00000..00099}.tar)."""
     recaption_dir: str | None = None
-    """Folder of recaption sidecars, one `<shard stem>.parquet` per input shard (needed for sidecar: specs)."""
+    """Folder of recaption sidecars, one `<shard id>.parquet` per input shard (`t2i_recap.shards.shard_id`)."""
     hf_dataset: str | None = None
     """Instead of shards: an HF dataset (hub name, loader name, or a save_to_disk folder)."""
     hf_data_files: list[str] = dataclasses.field(default_factory=list)
