@@ -152,7 +152,8 @@ def usage(settings: dict) -> list[str]:
         f"`generate_from_settings(pipe, settings, [{PROMPT!r}], [0])`.", "",
         f"- {settings['text_note']}",
         "- The pipeline lowercases and strips every prompt, and with beautifulsoup4 and ftfy installed its "
-        "default clean_caption=True rewrites it further; training encoded captions as written.",
+        "default clean_caption=True rewrites it further; training encoded captions as written (the same where the "
+        "tokenizer lowercases itself, as CLIP's does).",
         f"- Every part is stored in {settings['dtype']}; load with `torch_dtype=torch.bfloat16` to run in bf16.", "",
     ]
     return lines
