@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from t2i_recap.claims import Claims
 from t2i_recap.data import DataConfig, Record, Skip, collate
 from t2i_recap.identity import model_digest
 from t2i_recap.io import atomic_path, check_model_source
@@ -252,24 +253,40 @@ def write_fingerprint(encoder: FeatureEncoder, data: DataConfig, cache_dir: Path
 
 
 def prepare_cache(encoder: FeatureEncoder, source, data: DataConfig, cache_dir: str | Path, *,
-                  rank: int = 0, world: int = 1, fp_hash: str | None = None) -> dict:
-    """Build the missing or stale shard files of this rank (shards[rank::world]); returns a summary."""
+                  rank: int = 0, world: int = 1, fp_hash: str | None = None, claims: Claims | None = None) -> dict:
+    """Build the missing or stale shard files of this rank (shards[rank::world]); returns a summary.
+
+    With `claims`, each shard is built under a claim, so overlapping processes never build one twice."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     fp_hash = fp_hash or fingerprint_hash(encoder.fingerprint(data))
     summary = {"built": 0, "fresh": 0, "rows": 0, "skipped": 0}
     mine = list(range(len(source.shards)))[rank::world]
-    for i in tqdm(mine, desc="prepare", unit="shard", disable=rank != 0):
+
+    def fresh(i: int) -> bool:
         path = _shard_file(cache_dir, source.shards[i])
-        if shard_is_fresh(path, fp_hash, source.shard_stat(i), lambda i=i: source.shard_content(i)):
-            summary["fresh"] += 1
-            continue
-        if path.exists():
-            log.info("cache shard %s is stale; rebuilding", path.name)
-        stats = build_shard(encoder, source, i, path, fp_hash)
-        summary["built"] += 1
-        summary["rows"] += stats["rows"]
-        summary["skipped"] += stats["skipped"]
+        return shard_is_fresh(path, fp_hash, source.shard_stat(i), lambda: source.shard_content(i))
+
+    claimed = claims.each(mine, lambda i: source.shards[i], fresh) if claims is not None else None
+    order = (i for i, _ in claimed) if claimed is not None else mine
+    try:
+        for i in tqdm(order, desc="prepare", unit="shard", disable=rank != 0):
+            path = _shard_file(cache_dir, source.shards[i])
+            if claims is None and fresh(i):
+                summary["fresh"] += 1
+                continue
+            if path.exists():
+                log.info("cache shard %s is stale; rebuilding", path.name)
+            stats = build_shard(encoder, source, i, path, fp_hash)
+            summary["built"] += 1
+            summary["rows"] += stats["rows"]
+            summary["skipped"] += stats["skipped"]
+    finally:
+        if claimed is not None:
+            claimed.close()  # releases the claim in hand if a shard failed
+    if claims is not None:
+        claims.prune()
+        summary["fresh"] = len(claims.finished_elsewhere)  # fresh at the start, or built by another process
     return summary
 
 

@@ -361,3 +361,27 @@ def test_sigterm_stops_cleanly_then_the_rerun_completes(tmp_path, captioner_shar
     assert res.returncode == 0, res.stderr[-3000:]
     assert f'"shards_skipped_done": {len(finished)}' in res.stdout
     _exactly_once(out, captioner_shards)
+
+
+@pytest.mark.slow
+def test_two_prepare_runs_on_one_cache_build_every_shard_once(tmp_path, train_assets, train_shards):
+    from fixtures_train import train_config_dict, write_config
+
+    shards, side = train_shards
+    cache_dir = tmp_path / "cache"
+    cfg = write_config(tmp_path / "train.yaml", train_config_dict(train_assets, shards, tmp_path / "run", side,
+                                                                 features={"cache_dir": str(cache_dir)}))
+    cmd = [sys.executable, "-m", "t2i_recap.prepare", "--config", str(cfg), "--claim-heartbeat-s", "0.2"]
+    procs = [_start(cmd) for _ in range(2)]
+    summaries = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-3000:]
+        summaries.append(json.loads(out.strip().splitlines()[-1]))
+    n = len(list(shards.glob("*.tar")))
+    assert sum(s["built"] for s in summaries) == n, summaries  # each shard built by exactly one of them
+    assert all(s["built"] + s["fresh"] == n for s in summaries), summaries
+    assert sorted(p.name for p in cache_dir.glob("*.safetensors")) == sorted(
+        [f"{p.stem}.safetensors" for p in shards.glob("*.tar")] + ["empty.safetensors"])
+    assert not (cache_dir / ".claims").exists()
+    print(f"prepare: shards built per process {[s['built'] for s in summaries]}")
