@@ -201,6 +201,7 @@ class ShardCaptioner:
     def __init__(self, backend, cfg: CaptionRunConfig) -> None:
         self.backend, self.cfg = backend, cfg
         self.pipelined = callable(getattr(backend, "prepare", None)) and callable(getattr(backend, "generate", None))
+        self.last_key: str | None = None  # the last sample read, named when the reader fails after it
 
     def run(self, shard: Shard, progress: tqdm | None = None,
             at_batch: Callable[[], None] | None = None) -> tuple[list[Row], Counts]:
@@ -208,6 +209,7 @@ class ShardCaptioner:
         rows: list[Row] = []
         pending: list[tuple[Row, object, str]] = []
         seen: set[str] = set()
+        self.last_key = None
         started = time.perf_counter()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as pool:
             inflight: collections.deque = collections.deque()
@@ -231,6 +233,7 @@ class ShardCaptioner:
         return rows, counts
 
     def _row(self, sample: Sample, seen: set[str], shard: str, pending: list) -> Row:
+        self.last_key = sample.key
         row = Row(key=sample.key, org_caption=sample.org_caption, notes=list(sample.notes))
         if sample.error is not None:
             row.status, row.error = "skipped", sample.error
@@ -412,9 +415,11 @@ def _caption_claimed(claimed, worker: ShardCaptioner, cfg: CaptionRunConfig, bac
         except DiskFullError:
             raise
         except Exception as exc:  # noqa: BLE001 - an unreadable shard must not stop the others
-            log.error("shard %s (%s) failed, no sidecar written: %s: %s", shard.name, shard.source,
+            where = f" after sample {worker.last_key!r}" if worker.last_key is not None else ""
+            log.error("shard %s (%s) failed%s, no sidecar written: %s: %s", shard.name, shard.source, where,
                       type(exc).__name__, exc)
-            summary["shards_failed"].append({"shard": shard.name, "error": f"{type(exc).__name__}: {exc}"})
+            summary["shards_failed"].append({"shard": shard.name, "after_key": worker.last_key,
+                                             "error": f"{type(exc).__name__}: {exc}"})
             continue
         finally:
             bar.close()

@@ -273,3 +273,23 @@ def test_shard_where_every_sample_was_skipped_is_reported(tmp_path, tiny_llava_d
     assert run.main(args + ["--allow-empty-shards"]) == 0
     result = caption(shards, tmp_path / "recaps", tiny_llava_dir, EchoBackend())
     assert result["shards_empty"] == ["00000"]
+
+
+def test_reader_error_names_the_shard_and_the_last_key_and_later_shards_are_done(tmp_path, monkeypatch):
+    from t2i_recap.captioner import readers
+
+    shards = tmp_path / "shards"
+    write_tar(shards / "00000.tar", simple_samples(3, tag="a"))
+    write_tar(shards / "00001.tar", simple_samples(2, tag="b"))
+    real = readers._tar_samples
+
+    def breaks_after_one(path, cfg):
+        for n, sample in enumerate(real(path, cfg)):
+            if path.name == "00000.tar" and n == 1:
+                raise ValueError("reader gave up")
+            yield sample
+
+    monkeypatch.setattr(readers, "_tar_samples", breaks_after_one)
+    summary = caption(shards, tmp_path / "recaps", fake_model(tmp_path / "model"), prefetch_batches=0)
+    assert summary["shards_failed"] == [{"shard": "00000", "after_key": "a000", "error": "ValueError: reader gave up"}]
+    assert summary["shards_done"] == 1 and (tmp_path / "recaps" / "00001.parquet").exists()
