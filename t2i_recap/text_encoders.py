@@ -9,13 +9,13 @@ CLIP's 77 tokens cut many of them; the trainer logs the truncated share.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, CLIPTextModel, T5EncoderModel
 
+from t2i_recap.identity import model_digest
 from t2i_recap.io import check_model_source
 from t2i_recap.logging_utils import get_logger
 
@@ -49,13 +49,8 @@ class TextEncoderConfig:
 
 
 def _local_digest(path: Path) -> str:
-    """Content identity of a local model folder: config text + weight file names and sizes."""
-    h = hashlib.sha256()
-    for f in sorted(path.rglob("*")):
-        if f.is_file() and (f.suffix in (".json", ".txt", ".model") or f.suffix == ".safetensors" or f.suffix == ".bin"):
-            h.update(str(f.relative_to(path)).encode())
-            h.update(f.read_bytes() if f.suffix in (".json", ".txt") else str(f.stat().st_size).encode())
-    return h.hexdigest()[:16]
+    """Content identity of a local model folder (`t2i_recap.identity.model_digest`: every byte, not names and sizes)."""
+    return model_digest(path)
 
 
 def model_identity(name_or_path: str, subfolder: str = "", revision: str | None = None) -> dict:
