@@ -293,3 +293,17 @@ def test_reader_error_names_the_shard_and_the_last_key_and_later_shards_are_done
     summary = caption(shards, tmp_path / "recaps", fake_model(tmp_path / "model"), prefetch_batches=0)
     assert summary["shards_failed"] == [{"shard": "00000", "after_key": "a000", "error": "ValueError: reader gave up"}]
     assert summary["shards_done"] == 1 and (tmp_path / "recaps" / "00001.parquet").exists()
+
+
+def test_train_cli_stops_with_one_line_on_a_sidecar_of_another_download(tmp_path, train_assets, capsys):
+    from fixtures_train import train_config_dict, write_config
+
+    from t2i_recap import train
+
+    shards = tmp_path / "shards"
+    write_tar(shards / "00000.tar", simple_samples(8))
+    _hand_sidecar(tmp_path / "side" / "00000.parquet", [f"x{i}" for i in range(8)])
+    cfg = train_config_dict(train_assets, shards, tmp_path / "run", tmp_path / "side", trainer={"max_steps": 1})
+    assert train.main(["--config", str(write_config(tmp_path / "t.yaml", cfg))]) == 2
+    err = capsys.readouterr().err
+    assert "no row in recaption sidecar" in err and "00000.tar" in err and "Traceback" not in err
