@@ -64,9 +64,9 @@ class Row:
 
     def record(self) -> dict:
         notes = list(self.notes)
-        org, rec, err = (_storable(getattr(self, f), f, notes) for f in ("org_caption", "re_caption", "error"))
+        key, org, rec, err = (_storable(getattr(self, f), f, notes) for f in ("key", "org_caption", "re_caption", "error"))
         return {
-            "key": self.key,
+            "key": key,
             "org_caption": org,
             "re_caption": rec,
             "re_length": word_count(rec),

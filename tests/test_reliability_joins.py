@@ -3,7 +3,9 @@ it did not get; one bad sample or one empty shard never passes unnoticed or stop
 
 from __future__ import annotations
 
+import io
 import shutil
+import tarfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -134,7 +136,7 @@ def test_duplicate_keys_the_captioned_row_wins_and_the_refused_duplicate_is_not_
     samples = {"a": {"png": png("red"), "txt": b"first a"}, "b": {"png": png(), "txt": b"b"}}
     write_tar(path, samples)
     write_tar(tmp_path / "dup.tar", {"a": {"png": png("blue"), "txt": b"second a"}})
-    import tarfile
+
 
     with tarfile.open(path, "a") as tar, tarfile.open(tmp_path / "dup.tar") as dup:
         for m in dup:
@@ -307,3 +309,18 @@ def test_train_cli_stops_with_one_line_on_a_sidecar_of_another_download(tmp_path
     assert train.main(["--config", str(write_config(tmp_path / "t.yaml", cfg))]) == 2
     err = capsys.readouterr().err
     assert "no row in recaption sidecar" in err and "00000.tar" in err and "Traceback" not in err
+
+
+def test_member_name_that_is_not_utf8_is_skipped_and_the_shard_written(tmp_path):
+    shards = tmp_path / "shards"
+    path = write_tar(shards / "00000.tar", simple_samples(1, tag="good"))
+    with tarfile.open(path, "a", encoding="utf-8", errors="surrogateescape") as tar:
+        data = png()
+        info = tarfile.TarInfo("bad\udcff.png")  # the bytes b"bad\xff.png" in the archive
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    summary = caption(shards, tmp_path / "recaps", fake_model(tmp_path / "model"))
+    assert summary["shards_done"] == 1 and not summary["shards_failed"]
+    rows = pq.read_table(tmp_path / "recaps" / "00000.parquet").to_pylist()
+    assert rows[0]["status"] == "ok" and rows[1]["status"] == "skipped" and "unsafe sample key" in rows[1]["error"]
+    assert "lone surrogate" in rows[1]["notes"]
