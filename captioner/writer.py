@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -107,15 +106,8 @@ def write_sidecar(path: str | Path, rows: list[Row], metadata: dict) -> None:
     table = pa.Table.from_pylist([r.record() for r in rows], schema=SCHEMA)
     meta = {"format": FORMAT, **metadata}
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
-    with atomic_path(path, suffix=".tmp") as tmp:
+    with atomic_path(path, suffix=".tmp") as tmp:  # gives it the umask's mode: sidecars are shared data
         pq.write_table(table, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; sidecars are shared data
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def read_info(path: str | Path) -> dict | None:

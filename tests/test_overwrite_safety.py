@@ -180,3 +180,11 @@ def test_shapes_assets_refuse_a_user_part_folder(tmp_path):
     tok = out / "tokenizer"  # the part built before it: marked, with the umask's modes
     assert io.read_marker(tok) == "shapes-tokenizer"
     assert stat.S_IMODE(tok.stat().st_mode) == 0o777 & ~UMASK
+
+
+def test_caption_sidecars_get_the_umask_mode(tmp_path):
+    from t2i_recap.captioner.writer import write_sidecar
+
+    path = tmp_path / "00000.parquet"
+    write_sidecar(path, [], {"model": "x"})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~UMASK
