@@ -1,6 +1,7 @@
 """Training data: img2dataset webdataset shards or HF datasets, with captions joined from anywhere.
 
-Captions are named by a *field spec*, so any layout trains without conversion:
+Captions are named by a *field spec* (`t2i_recap.caption_specs`: the same meaning on every route),
+so any layout trains without conversion:
   "txt"               the `<key>.txt` tar member (any member extension works, e.g. "caption")
   "json:org_caption"  a field of the `<key>.json` member
   "sidecar:re_caption" a column of the recaption sidecar `<recaption_dir>/<shard id>.parquet`,
@@ -8,7 +9,11 @@ Captions are named by a *field spec*, so any layout trains without conversion:
                       captioned row; "success" is accepted too) have no recaption
   "column:text"       a column of an HF dataset
 The official Recap-DataComp-1B download (img2dataset with --caption_col re_caption) trains with
-original_caption="json:org_caption", recaption="txt".
+original_caption="json:org_caption", recaption="txt", as webdataset shards or through
+hf_dataset="webdataset". A spec that finds no caption in any sample of a shard stops training with
+an error naming the spec and the shard. Images go through `t2i_recap.images.decode_image`, the
+captioner's decode (EXIF orientation, modes, bit depth), so the DiT trains on the pixels the
+recaption describes.
 
 Order is deterministic and resumable: every epoch the shards are shuffled with (seed, epoch), split
 over ranks (by shard, or by sample when there are fewer shards than ranks), and passed through a
@@ -21,9 +26,7 @@ order does not depend on the number of workers.
 from __future__ import annotations
 
 import dataclasses
-import io
 import itertools
-import json
 import random
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -32,7 +35,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from t2i_recap.captioner.images import to_rgb
+from t2i_recap.caption_specs import (WEBDATASET_COLUMNS, CaptionSpecError, SampleView, SpecCoverage, parse_spec,
+                                     resolve)
+from t2i_recap.images import BadImage, decode_image, decode_pil
 from t2i_recap.identity import file_digest, shard_digest
 from t2i_recap.io import expand_shards
 from t2i_recap.logging_utils import get_logger
@@ -41,7 +46,6 @@ from t2i_recap.sidecar_join import CAPTIONED, open_join
 
 log = get_logger(__name__)
 
-_SPEC_KINDS = ("json", "sidecar", "column")
 _CAPTIONED = CAPTIONED  # sidecar statuses of a usable recaption (skipped/failed rows hold none)
 
 
@@ -93,23 +97,13 @@ class DataConfig:
             raise ValueError("shuffle_buffer and hf_rows_per_shard must be >= 1, num_workers >= 0")
 
     def uses_sidecar(self) -> bool:
-        return any(parse_spec(s)[0] == "sidecar" for s in (self.original_caption, self.recaption))
-
-
-def parse_spec(spec: str, where: str = "caption spec") -> tuple[str, str]:
-    """"json:org_caption" -> ("json", "org_caption"); "txt" -> ("member", "txt")."""
-    if ":" not in spec:
-        if not spec or not spec.replace("_", "").isalnum():
-            raise ValueError(f"{where}: {spec!r} is not a tar member extension or kind:name spec")
-        return "member", spec.lower()
-    kind, name = spec.split(":", 1)
-    if kind not in _SPEC_KINDS or not name:
-        raise ValueError(f"{where}: {spec!r} must be EXT, json:FIELD, sidecar:COLUMN or column:NAME")
-    return kind, name
+        return any(parse_spec(s).kind == "sidecar" for s in (self.original_caption, self.recaption))
 
 
 def _clean(text: Any) -> str | None:
-    """A usable caption or None (missing, null, empty, not a string)."""
+    """A usable caption or None (missing, null, empty, not a string); tar members arrive as UTF-8 bytes."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8", errors="replace")
     if not isinstance(text, str):
         return None
     # A lone surrogate (JSON "\ud800") is no character and makes tokenizers raise: U+FFFD instead.
@@ -118,11 +112,8 @@ def _clean(text: Any) -> str | None:
 
 
 def load_image(data: bytes | Image.Image, resolution: int) -> torch.Tensor:
-    """Decode, convert to RGB (CMYK, palette, alpha composited on white), resize + centre-crop -> (3, R, R) in [-1, 1]."""
-    img = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
-    img.load()
-    # The captioner's conversion: 16-bit rescaled (PIL's convert("RGB") clips it to white), alpha on white.
-    img = to_rgb(img)
+    """The captioner's decode (EXIF orientation, RGB, 16-bit rescaled, alpha on white), resize + centre-crop -> (3, R, R) in [-1, 1]."""
+    img = (decode_pil(data) if isinstance(data, Image.Image) else decode_image(data)).image
     if img.size != (resolution, resolution):
         img = ImageOps.fit(img, (resolution, resolution), Image.Resampling.BICUBIC, centering=(0.5, 0.5))
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
@@ -180,25 +171,28 @@ class WebDatasetSource:
         join = (open_join(self.sidecar_file(index), path, self.cfg.min_recaption_coverage)
                 if self.cfg.uses_sidecar() else None)
         seen: set[str] = set()
+        coverage = SpecCoverage(self.specs, path.name)
         for raw in iter_tar_samples(path):
             if raw.key in seen and raw.error is None:
                 raw.error = f"duplicate key {raw.key!r} in shard {path.name}; the first sample with it is used"
             seen.add(raw.key)
-            yield Record(self.shards[index], raw.key, (raw, join.row(raw.key) if join and not raw.error else None))
+            record = Record(self.shards[index], raw.key, (raw, join.row(raw.key) if join and not raw.error else None))
+            if not raw.error:
+                found = self._captions(*record.payload)
+                if not isinstance(found, str):
+                    coverage.add(dict(zip(("original", "recaption"), found)))
+            yield record
         if join is not None:
             join.finish()
+        coverage.finish()
 
-    def _caption(self, which: str, files: dict, meta: dict | None, row: dict | None) -> str | None:
-        kind, name = self.specs[which]
-        if kind == "member":
-            return _clean(files[name].decode("utf-8", errors="replace")) if name in files else None
-        if kind == "json":
-            return _clean(meta.get(name)) if meta else None
-        if kind == "sidecar":
-            if row is None or row.get("status", "ok") not in _CAPTIONED:
-                return None
-            return _clean(row.get(name))
-        raise ValueError(f"caption spec kind {kind!r} does not apply to webdataset shards")
+    def _captions(self, raw, row: dict | None) -> tuple[str | None, str | None] | str:
+        """(original, recaption) of a sample, or why the sample has none (a json member that is not an object)."""
+        view = SampleView(raw.files, sidecar_row=row, captioned=tuple(_CAPTIONED))
+        try:
+            return tuple(_clean(resolve(self.specs[w], view)) for w in ("original", "recaption"))
+        except CaptionSpecError as exc:
+            return str(exc)
 
     def decode(self, rec: Record) -> dict | Skip:
         raw, row = rec.payload
@@ -207,19 +201,10 @@ class WebDatasetSource:
         ext = next((e for e in self.cfg.image_extensions if e in raw.files), None)
         if ext is None:
             return Skip(rec.key, rec.shard, f"no image member (looked for {self.cfg.image_extensions})")
-        meta = None
-        if "json" in raw.files:
-            try:
-                meta = json.loads(raw.files["json"])
-            except ValueError as exc:
-                return Skip(rec.key, rec.shard, f"bad json member: {exc}")
-            if not isinstance(meta, dict):
-                if "json" in (self.specs["original"][0], self.specs["recaption"][0]):
-                    return Skip(rec.key, rec.shard, f"json member is a {type(meta).__name__}, not an object")
-                meta = None
-        original = self._caption("original", raw.files, meta, row)
-        recaption = self._caption("recaption", raw.files, meta, row)
-        return _example(rec, raw.files[ext], original, recaption, self.cfg.resolution)
+        captions = self._captions(raw, row)
+        if isinstance(captions, str):
+            return Skip(rec.key, rec.shard, captions)
+        return _example(rec, raw.files[ext], *captions, self.cfg.resolution)
 
 
 def _check_unique_ids(paths: list[Path]) -> None:
@@ -249,14 +234,34 @@ class HFDatasetSource:
             ds = ds[cfg.hf_split]
         self.ds = ds
         self.specs = {"original": parse_spec(cfg.original_caption), "recaption": parse_spec(cfg.recaption)}
-        for which, (kind, name) in self.specs.items():
-            if kind != "column" or name not in ds.column_names:
-                raise ValueError(f"data.{which}: HF datasets need column:NAME with a column of {ds.column_names}")
-        if cfg.hf_image_column not in ds.column_names:
-            raise ValueError(f"data.hf_image_column={cfg.hf_image_column!r} is not a column of {ds.column_names}")
+        # A dataset `datasets` made of webdataset tars holds the members as columns (jpg, txt, json):
+        # the specs read them exactly as they read the tar (t2i_recap.caption_specs).
+        self.webdataset = all(c in ds.column_names for c in WEBDATASET_COLUMNS)
+        for which, spec in self.specs.items():
+            if spec.kind == "sidecar":
+                raise ValueError(f"data.{which}={spec.text!r}: sidecars join webdataset shards (data.shards), "
+                                 "not HF datasets")
+            column = "json" if spec.kind == "json" else spec.name
+            if column not in ds.column_names:
+                raise ValueError(f"data.{which}={spec.text!r}: the dataset has no {column!r} column "
+                                 f"(columns: {ds.column_names})")
+        self.image_column = self._image_column(ds.column_names)
+        self.key_column = cfg.hf_key_column or ("__key__" if self.webdataset else None)
         n = len(ds)
         self.ranges = [(s, min(s + cfg.hf_rows_per_shard, n)) for s in range(0, n, cfg.hf_rows_per_shard)]
         self.shards = [f"hf-{i:05d}" for i in range(len(self.ranges))]
+
+    def _image_column(self, columns: list[str]) -> str:
+        if self.cfg.hf_image_column in columns:
+            return self.cfg.hf_image_column
+        found = next((e for e in self.cfg.image_extensions if e in columns), None) if self.webdataset else None
+        if found is None:
+            raise ValueError(f"data.hf_image_column={self.cfg.hf_image_column!r} is not a column of {columns}")
+        return found
+
+    def _caption_columns(self) -> list[str]:
+        names = ["json" if s.kind == "json" else s.name for s in self.specs.values()]
+        return list(dict.fromkeys(names + ([self.key_column] if self.key_column else [])))
 
     def shard_stat(self, index: int) -> dict:
         return {"shard": self.shards[index], "rows": list(self.ranges[index]), "dataset": self.ds._fingerprint}
@@ -265,21 +270,35 @@ class HFDatasetSource:
         return self.shard_stat(index)  # datasets' fingerprint is already a digest of the content
 
     def records(self, index: int) -> Iterator[Record]:
+        """The shard's rows with their captions, read from the caption columns alone (no image decoded)."""
         start, stop = self.ranges[index]
-        for i in range(start, stop):
-            key = str(self.ds[i][self.cfg.hf_key_column]) if self.cfg.hf_key_column else f"{i:09d}"
-            yield Record(self.shards[index], key, i)
+        table = self.ds.select_columns(self._caption_columns())[start:stop]
+        rows = [dict(zip(table, values)) for values in zip(*table.values())]
+        where = f"{self.shards[index]} (rows {start}..{stop - 1} of {self.cfg.hf_dataset})"
+        coverage = SpecCoverage(self.specs, where)
+        records = []
+        for i, row in zip(range(start, stop), rows):
+            key = str(row[self.key_column]) if self.key_column else f"{i:09d}"
+            try:
+                view = SampleView(row)
+                captions = tuple(_clean(resolve(self.specs[w], view)) for w in ("original", "recaption"))
+                coverage.add(dict(zip(("original", "recaption"), captions)))
+            except CaptionSpecError as exc:
+                captions = str(exc)
+            records.append(Record(self.shards[index], key, (i, captions)))
+        coverage.finish()  # before any of the shard trains: a spec that finds nothing is a config error
+        yield from records
 
     def decode(self, rec: Record) -> dict | Skip:
-        row = self.ds[rec.payload]
-        image = row[self.cfg.hf_image_column]
+        i, captions = rec.payload
+        if isinstance(captions, str):
+            return Skip(rec.key, rec.shard, captions)
+        image = self.ds[i][self.image_column]
         if isinstance(image, dict):
             image = image.get("bytes")
         if image is None:
             return Skip(rec.key, rec.shard, "no image")
-        original = _clean(row[self.specs["original"][1]])
-        recaption = _clean(row[self.specs["recaption"][1]])
-        return _example(rec, image, original, recaption, self.cfg.resolution)
+        return _example(rec, image, *captions, self.cfg.resolution)
 
 
 def _example(rec: Record, image, original: str | None, recaption: str | None, resolution: int) -> dict | Skip:
@@ -287,7 +306,7 @@ def _example(rec: Record, image, original: str | None, recaption: str | None, re
         return Skip(rec.key, rec.shard, "neither an original caption nor a recaption")
     try:
         pixels = load_image(image, resolution)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except (BadImage, OSError, ValueError, Image.DecompressionBombError) as exc:
         return Skip(rec.key, rec.shard, f"image does not decode: {exc}")
     return {"key": rec.key, "pixels": pixels, "original": original, "recaption": recaption}
 
