@@ -12,11 +12,11 @@ import dataclasses
 import datetime as _dt
 import json
 import platform
-import re
 from pathlib import Path
 
 from t2i_recap.io import atomic_write_text
 
+from .escape import clean_text, md_text  # noqa: F401  (clean_text: re-exported)
 from .stats import category_mean_ci, mean_ci
 
 SCHEMA_VERSION = 1
@@ -145,18 +145,9 @@ def build_report(*, cfg, suite, model: dict, settings, variants: dict, recaption
 
 # ---- Markdown ------------------------------------------------------------------------------
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def clean_text(text) -> str:
-    """Control characters made visible (\\x07), so they can neither hide text nor break a line."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
-
-
 def md_cell(text) -> str:
-    import html
-
-    return html.escape(clean_text(text)).replace("|", "\\|").replace("\n", " ").replace("\r", " ")
+    """Text from data or prompts in Markdown (a table cell or a line): see `escape.md_text`."""
+    return md_text(text)
 
 
 def fmt_metric(entry) -> str:
@@ -185,9 +176,20 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
             + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def worst_key(variant: dict) -> str | None:
+    """The per-prompt metric the worst-prompts tables sort by: the oracle's accuracy, else CLIP score."""
+    for key in ("oracle_accuracy", "clip_score"):
+        if key in variant["metrics"]:
+            return key
+    return None
+
+
+# The columns a worst-prompts table shows for the metric it is sorted by.
+WORST_COLUMNS = {"oracle_accuracy": ("oracle_accuracy", "oracle_fraction"), "clip_score": ("clip_score",)}
+
+
 def worst_prompts(variant: dict, n: int) -> list[dict]:
-    key = "oracle_accuracy" if "oracle_accuracy" in variant["metrics"] else (
-        "clip_score" if "clip_score" in variant["metrics"] else None)
+    key = worst_key(variant)
     if key is None:
         return []
     scored = [p for p in variant["prompts"] if p.get(key) is not None]
@@ -198,7 +200,7 @@ def render_markdown(report: dict) -> str:
     prov = report["provenance"]
     gen = prov["generation"]
     lines = [f"# Evaluation report", "",
-             f"- model: `{md_cell(prov['model']['path'])}` (sha256 {prov['model']['sha256'][:16]})",
+             f"- model: {md_cell(prov['model']['path'])} (sha256 {prov['model']['sha256'][:16]})",
              f"- suite: {md_cell(prov['suite']['name'])}, {prov['suite']['num_prompts']} prompts "
              f"(sha256 {prov['suite']['sha256'][:16]})",
              f"- generation: {gen['images_per_prompt']} images/prompt, {gen['num_inference_steps']} steps, "
@@ -228,11 +230,11 @@ def render_markdown(report: dict) -> str:
     for name, v in variants.items():
         worst = worst_prompts(v, 10)
         if worst:
-            lines += ["", f"## Worst prompts ({name})", ""]
-            lines += _md_table(["id", "category", "prompt", "accuracy", "constraints met"],
-                               [[md_cell(p["id"]), md_cell(p["category"]), md_cell(p["prompt"]),
-                                 fmt_metric(p.get("oracle_accuracy")), fmt_metric(p.get("oracle_fraction"))]
-                                for p in worst])
+            cols = WORST_COLUMNS[worst_key(v)]
+            lines += ["", f"## Worst prompts ({name}, by {LABELS[worst_key(v)]})", ""]
+            lines += _md_table(["id", "category", "prompt"] + [LABELS[c] for c in cols],
+                               [[md_cell(p["id"]), md_cell(p["category"]), md_cell(p["prompt"])]
+                                + [fmt_metric(p.get(c)) for c in cols] for p in worst])
     return "\n".join(lines) + "\n"
 
 

@@ -1,20 +1,21 @@
 """report.html: one self-contained page (inline CSS, inline SVG charts, images as base64 PNG, no
 JavaScript), readable offline and safe to open: every piece of text, prompts above all, goes
-through `esc` (html.escape after making control characters visible). Only `Html` values, built
-here from escaped parts, are inserted as markup.
+through `esc` (markupsafe's escape after making control characters visible). Only `Html`
+(markupsafe.Markup) values, built here from escaped parts, are inserted as markup.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 from pathlib import Path
 
+from markupsafe import Markup, escape
 from PIL import Image
 
 from .metric_oracle import describe_constraint, describe_scene
-from .report import LABELS, LOWER_IS_BETTER, clean_text, fmt_metric, metric_columns, worst_prompts
+from .escape import clean_text
+from .report import LABELS, LOWER_IS_BETTER, WORST_COLUMNS, fmt_metric, metric_columns, worst_key, worst_prompts
 
 THUMB = 96  # longest side of an embedded image, pixels
 CSS = """
@@ -39,14 +40,13 @@ td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 """
 
 
-class Html(str):
-    """Markup assembled from escaped parts; `esc` passes it through unchanged."""
+Html = Markup  # markup assembled from escaped parts; `esc` passes it through unchanged
 
 
 def esc(value) -> Html:
-    if isinstance(value, Html):
+    if isinstance(value, Markup):
         return value
-    return Html(html.escape(clean_text("" if value is None else value), quote=True))
+    return escape(clean_text("" if value is None else value))
 
 
 def tag(name: str, body="", **attrs) -> Html:
@@ -193,26 +193,35 @@ def category_grids(report: dict, out_dir: Path, per_category: int) -> Html:
 
 
 def worst_section(report: dict, out_dir: Path, n: int) -> Html:
+    """Per prompt form, the worst prompts by the metric `worst_key` picks, with that metric's columns."""
     parts = []
     for name, v in report["variants"].items():
         worst = worst_prompts(v, n)
         if not worst:
             continue
+        key = worst_key(v)
+        cols = WORST_COLUMNS[key]
+        oracle = key == "oracle_accuracy"
         rows = []
         for p in worst:
             expected = join(tag("div", describe_constraint(c)) for c in p.get("constraints", [])) or "-"
             rows.append([join([tag("div", p["prompt"], class_="prompt"), tag("div", p["category"], class_="note")]),
-                         expected, fmt_metric(p.get("oracle_accuracy")),
-                         tag("div", join(image_cell(out_dir, im, show_read=True) for im in p["images"]), class_="imgs")])
-        parts.append(join([tag("h3", f"{name} prompts"),
-                           table(["prompt", "expected", "accuracy", "images and what the oracle read"], rows,
-                                 cls="worst", num_cols=(2,))]))
+                         expected, *[fmt_metric(p.get(c)) for c in cols],
+                         tag("div", join(image_cell(out_dir, im, show_read=oracle) for im in p["images"]), class_="imgs")])
+        images_head = "images and what the oracle read" if oracle else "images"
+        parts.append(join([tag("h3", f"{name} prompts (by {LABELS[key]})"),
+                           table(["prompt", "expected", *[LABELS[c] for c in cols], images_head], rows,
+                                 cls="worst", num_cols=range(2, 2 + len(cols)))]))
     return join(parts)
+
+
+def _oracle_ran(report: dict) -> bool:
+    return any("oracle_accuracy" in v["metrics"] for v in report["variants"].values())
 
 
 def page(title: str, body: Html) -> str:
     head = join([Html('<meta charset="utf-8">'), tag("title", title), tag("style", Html(CSS))])
-    return "<!DOCTYPE html>\n" + tag("html", join([tag("head", head), tag("body", body)]), lang="en")
+    return "<!DOCTYPE html>\n" + str(tag("html", join([tag("head", head), tag("body", body)]), lang="en"))
 
 
 def render_report_html(report: dict, out_dir: Path, per_category: int = 6, worst: int = 12) -> str:
@@ -240,10 +249,11 @@ def render_report_html(report: dict, out_dir: Path, per_category: int = 6, worst
         if "comparison" not in report:
             body.append(table(["category"] + list(variants),
                               [[c] + [metric_cell(series[n][c]) for n in variants] for c in cats]))
-    body += [tag("h2", "Images by category"),
-             tag("p", "Green border: the oracle read the image as satisfying every constraint; red: it did not. "
-                      "Hover an image for the scene the oracle read.", class_="note"),
-             category_grids(report, out_dir, per_category)]
+    body.append(tag("h2", "Images by category"))
+    if _oracle_ran(report):  # the legend speaks only of metrics that ran
+        body.append(tag("p", "Green border: the oracle read the image as satisfying every constraint; red: it did "
+                             "not. Hover an image for the scene the oracle read.", class_="note"))
+    body.append(category_grids(report, out_dir, per_category))
     worst_html = worst_section(report, out_dir, worst)
     if worst_html:
         body += [tag("h2", "Worst failures"), worst_html]

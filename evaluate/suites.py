@@ -247,14 +247,19 @@ def _maybe_json(value: Any, what: str, where: str) -> Any:
         raise ValueError(f"{where}: column {what!r} is not valid JSON: {exc}") from None
 
 
+# "utf-8-sig": spreadsheet programs save "CSV UTF-8" (and editors some txt/json files) with a
+# byte-order mark, which plain "utf-8" would keep as part of the first column name or line.
+_TEXT_ENCODING = "utf-8-sig"
+
+
 def _rows_txt(path: Path) -> list[dict]:
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding=_TEXT_ENCODING).splitlines()
     return [{"prompt": line.strip(), "_line": i + 1} for i, line in enumerate(lines) if line.strip()]
 
 
 def _rows_jsonl(path: Path) -> list[dict]:
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+    for i, line in enumerate(path.read_text(encoding=_TEXT_ENCODING).splitlines()):
         if not line.strip():
             continue
         try:
@@ -269,7 +274,7 @@ def _rows_jsonl(path: Path) -> list[dict]:
 
 def _rows_json(path: Path) -> list[dict]:
     """A JSON list of records, or COCO caption annotations (first caption per image)."""
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = json.loads(path.read_text(encoding=_TEXT_ENCODING))
     if isinstance(data, dict) and "annotations" in data:
         files = {img["id"]: img.get("file_name") for img in data.get("images", [])}
         rows: dict[Any, dict] = {}
@@ -283,7 +288,7 @@ def _rows_json(path: Path) -> list[dict]:
 
 
 def _rows_csv(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as fh:
+    with open(path, newline="", encoding=_TEXT_ENCODING) as fh:
         return [{**row, "_line": i + 2} for i, row in enumerate(csv.DictReader(fh))]
 
 

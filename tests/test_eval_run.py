@@ -123,7 +123,7 @@ def test_hostile_prompts_are_escaped_everywhere(tmp_path, eval_pipeline_dir):
     for text in (html, md):
         assert "<script" not in text and "<img src=x" not in text and "<h1>layout" not in text
         assert "\x07" not in text and "\x00" not in text and "\x1b" not in text
-    assert "&lt;script&gt;alert(&#x27;pwned&#x27;)&lt;/script&gt;" in html
+    assert "&lt;script&gt;alert(&#39;pwned&#39;)&lt;/script&gt;" in html
     assert "\\x07triangle\\x1b" in html and "&lt;b&gt;cat&lt;/b&gt;" in html
     assert html.count("<table") == html.count("</table>")
 
