@@ -19,11 +19,12 @@ from typing import Any, Callable, Iterator, Literal
 
 from PIL import Image
 
+from t2i_recap.caption_specs import (TABLE_ORIGINAL, WEBDATASET_COLUMNS, WEBDATASET_ORIGINAL, CaptionSpec,
+                                     CaptionSpecError, SampleView, SpecCoverage, parse_spec, resolve, resolve_first)
+from t2i_recap.images import DEFAULT_MAX_PIXELS, BadImage, decode_image
 from t2i_recap.io import UnsafeKeyError, check_key, expand_shards
 from t2i_recap.logging_utils import get_logger
 from t2i_recap.shards import iter_tar_samples, shard_id
-
-from .images import DEFAULT_MAX_PIXELS, BadImage, decode_image
 
 log = get_logger(__name__)
 
@@ -49,7 +50,9 @@ class ReaderConfig:
     path_column: str | None = None
     """Column holding image file paths (parquet: relative to the parquet file's folder)."""
     caption_column: str | None = None
-    """Column holding the original caption; None tries org_caption, caption, txt, text, alt_text."""
+    """Caption spec of the original caption (`t2i_recap.caption_specs`: txt, json:org_caption, column:NAME;
+    one meaning on every route). None: a webdataset sample's json org_caption, else .txt, else json
+    caption; a table's first column of org_caption, caption, txt, text, alt_text."""
     key_column: str | None = None
     """Column holding the sample key; None tries key, __key__, uid, id, sha256, else a row number."""
     hf_config: str | None = None
@@ -70,6 +73,14 @@ class ReaderConfig:
             raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
         if self.max_pixels < 1 or self.max_caption_chars < 1:
             raise ValueError("max_pixels and max_caption_chars must be >= 1")
+        if self.caption_column is not None:
+            spec = parse_spec(self.caption_column, "reader.caption_column")
+            if spec.kind == "sidecar":
+                raise ValueError(f"reader.caption_column={self.caption_column!r}: the captioner reads original "
+                                 "captions from its input, not from a sidecar")
+
+    def caption_spec(self) -> CaptionSpec | None:
+        return parse_spec(self.caption_column) if self.caption_column is not None else None
 
 
 @dataclasses.dataclass
@@ -166,7 +177,7 @@ class _Columns:
             key=_pick(KEY_COLUMNS, cfg.key_column, available, "key"),
             image=_pick(IMAGE_COLUMNS, cfg.image_column, available, "image"),
             path=_pick(PATH_COLUMNS, cfg.path_column, available, "image path"),
-            caption=_pick(CAPTION_COLUMNS, cfg.caption_column, available, "caption"),
+            caption=_table_caption(available, cfg, where),
         )
         if need_image and cols.image is None and cols.path is None:
             raise ValueError(
@@ -176,10 +187,31 @@ class _Columns:
         return cols
 
 
+def _table_caption(available: list[str], cfg: ReaderConfig, where: str) -> str | None:
+    """The caption column of a table: the named spec's column (checked), else the first default present."""
+    spec = cfg.caption_spec()
+    if spec is None:
+        return next((s.split(":", 1)[1] for s in TABLE_ORIGINAL if s.split(":", 1)[1] in available), None)
+    column = "json" if spec.kind == "json" else spec.name
+    if column not in available:
+        raise ValueError(f"{where}: caption spec {spec.text!r} needs a {column!r} column; columns are {available}")
+    return column
+
+
+def _row_caption(row: dict, cols: _Columns, cfg: ReaderConfig) -> Any:
+    spec = cfg.caption_spec()
+    if spec is None:
+        return row.get(cols.caption) if cols.caption else None
+    return resolve(spec, SampleView(row))
+
+
 def _row_sample(row: dict, cols: _Columns, shard: str, fallback_key: str, cfg: ReaderConfig,
                 base_dir: Path | None) -> Sample:
     key, key_error = _safe_key(row.get(cols.key) if cols.key else fallback_key)
-    caption, notes = decode_caption(row.get(cols.caption) if cols.caption else None, cfg.max_caption_chars)
+    try:
+        caption, notes = decode_caption(_row_caption(row, cols, cfg), cfg.max_caption_chars)
+    except CaptionSpecError as exc:
+        caption, notes = None, [f"no original caption: {exc}"]
     sample = Sample(key=key, shard=shard, org_caption=caption, error=key_error, notes=notes)
     data, error = _row_image_bytes(row, cols, base_dir)
     if error:
@@ -223,33 +255,48 @@ def _read_path(path: str, base_dir: Path | None) -> tuple[bytes | None, str | No
 
 
 def _tar_samples(path: Path, cfg: ReaderConfig) -> Iterator[Sample]:
+    coverage = _coverage(cfg, str(path))
     for raw in iter_tar_samples(path):
-        sample = Sample(key=raw.key, shard=shard_name(path), error=raw.error)
-        meta = {}
-        if "json" in raw.files:
-            try:
-                meta = json.loads(raw.files["json"])
-                meta = meta if isinstance(meta, dict) else {}
-            except (ValueError, UnicodeDecodeError):
-                sample.notes.append("json member is not valid JSON; ignored")
-        caption_raw = _tar_caption(raw.files, meta, cfg.caption_column)
-        sample.org_caption, notes = decode_caption(caption_raw, cfg.max_caption_chars)
-        sample.notes.extend(notes)
-        ext = next((e for e in IMAGE_EXTS if e in raw.files), None)
-        if ext is None and sample.error is None:
-            sample.error = f"no image member (members: {sorted(raw.files) or 'none'})"
-        yield _finish(sample, raw.files.get(ext) if ext else None, cfg)
+        yield _webdataset_sample(raw.key, shard_name(path), raw.error, raw.files, cfg, coverage)
+    if coverage is not None:
+        coverage.finish()
 
 
-def _tar_caption(files: dict[str, bytes], meta: dict, wanted: str | None) -> Any:
-    """The original caption: json `org_caption` (Recap-DataComp-1B recipe), else `.txt`, else json `caption`."""
-    if wanted is not None:
-        return meta.get(wanted, files.get(wanted))
-    if isinstance(meta.get("org_caption"), str):
-        return meta["org_caption"]
-    if "txt" in files:
-        return files["txt"]
-    return meta.get("caption")
+def _coverage(cfg: ReaderConfig, shard: str) -> SpecCoverage | None:
+    """A named caption spec must find a caption somewhere in each shard; the default may find none."""
+    spec = cfg.caption_spec()
+    return SpecCoverage({"original caption": spec}, shard) if spec is not None else None
+
+
+def _webdataset_sample(key: str, shard: str, error: str | None, files: dict[str, Any], cfg: ReaderConfig,
+                       coverage: SpecCoverage | None) -> Sample:
+    """One webdataset sample, from a tar or from a row `datasets` made of one: the same fields, the same caption."""
+    sample = Sample(key=key, shard=shard, error=error)
+    caption_raw = _webdataset_caption(files, cfg, sample.notes)
+    sample.org_caption, notes = decode_caption(caption_raw, cfg.max_caption_chars)
+    sample.notes.extend(notes)
+    if coverage is not None and error is None:
+        coverage.add({"original caption": sample.org_caption})
+    ext = next((e for e in IMAGE_EXTS if e in files), None)
+    if ext is None and sample.error is None:
+        sample.error = f"no image member (members: {sorted(files) or 'none'})"
+    data = files.get(ext) if ext else None
+    if isinstance(data, dict):  # an HF `Image` feature stored undecoded: {"bytes": ..., "path": ...}
+        data = data.get("bytes")
+    return _finish(sample, data, cfg)
+
+
+def _webdataset_caption(files: dict[str, Any], cfg: ReaderConfig, notes: list[str]) -> Any:
+    """The original caption: the named spec, else json `org_caption` (Recap-DataComp-1B), `.txt`, json `caption`."""
+    view = SampleView(files)
+    spec = cfg.caption_spec()
+    try:
+        if spec is not None:
+            return resolve(spec, view)
+        return resolve_first(tuple(parse_spec(s) for s in WEBDATASET_ORIGINAL), view)[0]
+    except CaptionSpecError as exc:
+        notes.append(f"{exc}; ignored")
+        return resolve(parse_spec("txt"), view) if spec is None else None
 
 
 # ---------------------------------------------------------------- parquet
@@ -262,10 +309,16 @@ def _parquet_samples(path: Path, cfg: ReaderConfig) -> Iterator[Sample]:
     cols = _Columns.resolve(pf.schema_arrow.names, cfg, str(path))
     wanted = [c for c in dataclasses.astuple(cols) if c is not None]
     index = 0
+    coverage = _coverage(cfg, str(path))
     for batch in pf.iter_batches(batch_size=256, columns=list(dict.fromkeys(wanted))):
         for row in batch.to_pylist():
-            yield _row_sample(row, cols, shard_name(path), f"{_stem_key(path)}-{index:06d}", cfg, path.parent)
+            sample = _row_sample(row, cols, shard_name(path), f"{_stem_key(path)}-{index:06d}", cfg, path.parent)
+            if coverage is not None and sample.error is None:
+                coverage.add({"original caption": sample.org_caption})
+            yield sample
             index += 1
+    if coverage is not None:
+        coverage.finish()
 
 
 def _stem_key(path: Path) -> str:
@@ -307,8 +360,12 @@ def _folder_samples(root: Path, entries: list, shard: str, cfg: ReaderConfig) ->
         row = row or {}
         stem = re.sub(r"[^A-Za-z0-9_.\-]", "_", str(Path(rel).with_suffix(""))).lstrip("._-")
         key, key_error = _safe_key(row.get(cfg.key_column or "key", stem))
-        caption_field = _pick(CAPTION_COLUMNS, cfg.caption_column, list(row), "caption") if row else None
-        caption, notes = decode_caption(row.get(caption_field) if caption_field else None, cfg.max_caption_chars)
+        try:
+            caption_raw = _row_caption(row, _Columns(None, None, None, _table_caption(list(row), cfg, rel)), cfg) \
+                if row else None
+        except (CaptionSpecError, ValueError) as exc:
+            caption_raw, error = None, error or f"metadata.jsonl row of {rel}: {exc}"
+        caption, notes = decode_caption(caption_raw, cfg.max_caption_chars)
         if not row and error is None:
             notes.append("image not listed in metadata.jsonl: no original caption")
         sample = Sample(key=key, shard=shard, org_caption=caption, error=error or key_error, notes=notes)
@@ -341,6 +398,17 @@ def _hf_shards(name: str, cfg: ReaderConfig) -> list[Shard]:
             Shard(f"{prefix}-{i:05d}", f"{name}[{a}:{b}]", lambda a=a, b=b, i=i: _hf_rows(ds.select(range(a, b)), f"{prefix}-{i:05d}", a, cfg))
             for i, (a, b) in enumerate(bounds)
         ]
+    files = _local_data_files(cfg.hf_data_files)
+    if files:
+        # One stream per data file, named as the file is (00012.tar -> 00012): the sidecars join the
+        # tars they came from, whichever route read them.
+        shards = [Shard(shard_name(f), f"{name} ({f})",
+                        lambda f=f: _hf_rows(_undecoded(datasets.load_dataset(
+                            name, cfg.hf_config, data_files=[str(f)], split=cfg.hf_split, streaming=True)),
+                            shard_name(f), 0, cfg))
+                  for f in files]
+        _check_unique(shards, name)
+        return shards
     ds = datasets.load_dataset(name, cfg.hf_config, data_files=cfg.hf_data_files, split=cfg.hf_split, streaming=True)
     ds = _undecoded(ds)
     # A streamed dataset's shards are its data files: stable across runs, so resume and the rank
@@ -351,6 +419,17 @@ def _hf_shards(name: str, cfg: ReaderConfig) -> list[Shard]:
               lambda i=i: _hf_rows(ds.shard(num_shards=n, index=i), f"{prefix}-{i:05d}", 0, cfg))
         for i in range(n)
     ]
+
+
+def _local_data_files(data_files: str | None) -> list[Path]:
+    """The local files `data_files` names (a file, folder, glob or brace pattern), or [] for remote ones."""
+    if not data_files or "://" in data_files:
+        return []
+    try:
+        return expand_shards(data_files, suffixes=(".tar", ".tar.gz", ".tgz", ".parquet", ".jsonl", ".json",
+                                                   ".csv", ".arrow"))
+    except (FileNotFoundError, ValueError):
+        return []
 
 
 def _undecoded(ds):
@@ -365,10 +444,21 @@ def _undecoded(ds):
 
 def _hf_rows(ds, shard: str, start: int, cfg: ReaderConfig) -> Iterator[Sample]:
     cols = None
+    coverage = _coverage(cfg, shard)
     for index, row in enumerate(ds, start=start):
+        if all(c in row for c in WEBDATASET_COLUMNS):  # `datasets`' webdataset builder: a tar sample as a row
+            key, key_error = _safe_key(row["__key__"])
+            files = {k: v for k, v in row.items() if k not in WEBDATASET_COLUMNS}
+            yield _webdataset_sample(key, shard, key_error, files, cfg, coverage)
+            continue
         if cols is None:
             cols = _Columns.resolve(list(row), cfg, f"dataset shard {shard}")
-        yield _row_sample(row, cols, shard, f"{shard}-{index:06d}", cfg, None)
+        sample = _row_sample(row, cols, shard, f"{shard}-{index:06d}", cfg, None)
+        if coverage is not None and sample.error is None:
+            coverage.add({"original caption": sample.org_caption})
+        yield sample
+    if coverage is not None:
+        coverage.finish()
 
 
 # ---------------------------------------------------------------- entry point

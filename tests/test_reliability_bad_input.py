@@ -88,9 +88,10 @@ def train_decode(tmp_path: Path, members: list) -> dict:
     """The trainer's view of the same shard: {key: example dict or Skip}."""
     from t2i_recap.data import DataConfig, WebDatasetSource
 
-    write_tar(tmp_path / "train" / "00000.tar", members)
+    # + a good sample, as caption() adds: a shard where a caption spec finds nothing at all is an error
+    write_tar(tmp_path / "train" / "00000.tar", members + sample("zzgood", GOOD_PNG, ext="png"))
     src = WebDatasetSource(DataConfig(shards=str(tmp_path / "train"), resolution=16, original_caption="txt",
-                                      recaption="json:re_caption", image_extensions=["jpg", "png", "gif"]))
+                                      recaption="txt", image_extensions=["jpg", "png", "gif"]))
     return {rec.key: src.decode(rec) for rec in src.records(0)}
 
 
