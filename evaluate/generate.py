@@ -3,7 +3,8 @@
 Seeds are fixed per (prompt index, image index): `seed + index * images_per_prompt + k`, the
 same for the raw and recaptioned forms, so the two forms are paired. Images are written as
 `images/<variant>/<index:05d>_<k:02d>.png` (names never come from prompt ids), atomically, and a
-rerun generates only the missing ones.
+rerun generates only the images that are missing or were made from anything else (another model,
+prompt, seed, step count, guidance or scheduler: see `imageset`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from t2i_recap.io import atomic_path
+from t2i_recap.io import atomic_path, atomic_write_text
 from t2i_recap.logging_utils import get_logger
+
+from .imageset import ImageSet
 
 log = get_logger(__name__)
 SIDECAR = "t2i_recap.json"
@@ -42,9 +45,23 @@ def image_path(out_dir: Path, variant: str, index: int, k: int) -> Path:
     return out_dir / "images" / variant / f"{index:05d}_{k:02d}.png"
 
 
+EXPORT_SOURCE = "export_source.json"
+
+
+def _run_checkpoint_identity(run_dir: Path) -> dict:
+    """The run's latest checkpoint and config, by content: what an export of it is made from."""
+    from t2i_recap.checkpoint import CheckpointConfig, Checkpointer
+    from t2i_recap.identity import file_digest, model_digest
+
+    ck = Checkpointer(run_dir, CheckpointConfig()).resolve("latest")
+    return {"checkpoint": ck.name, "checkpoint_digest": model_digest(ck),
+            "config_sha256": file_digest(run_dir / "config.yaml")}
+
+
 def resolve_model(model: str | Path, work_dir: Path) -> Path:
     """An exported pipeline folder as is; a training run folder is exported first into
-    WORK/model (with `t2i-recap export`, the trainer's contract)."""
+    WORK/model (with `t2i-recap export`, the trainer's contract), and exported again when the
+    run's latest checkpoint or config is no longer the one the folder was exported from."""
     model = Path(model)
     if (model / "model_index.json").is_file():
         return model
@@ -54,21 +71,31 @@ def resolve_model(model: str | Path, work_dir: Path) -> Path:
         raise FileNotFoundError(f"--model {model}: neither an exported pipeline (no model_index.json) nor a "
                                 "training run (no config.yaml)")
     target = work_dir / "model"
-    if not (target / "model_index.json").is_file():
-        from t2i_recap.export import export
+    source = _run_checkpoint_identity(model)
+    record = work_dir / EXPORT_SOURCE
+    recorded = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
+    if (target / "model_index.json").is_file() and recorded == source:
+        return target
+    from t2i_recap.export import export
 
-        log.info("%s is a training run; exporting its latest checkpoint to %s", model, target)
-        export(model, target, overwrite=True)
+    log.info("%s is a training run; exporting its checkpoint %s to %s%s", model, source["checkpoint"], target,
+             " (it changed since the last export)" if recorded else "")
+    export(model, target, overwrite=True)
+    atomic_write_text(record, json.dumps(source, indent=1))
     return target
 
 
 def model_info(model_dir: Path) -> dict:
-    """The export sidecar plus a content hash of every file in the folder (the model's identity)."""
+    """The export sidecar plus content hashes of the folder: `sha256` over every file (reports) and
+    `digest` (`identity.model_digest`: the files that change outputs; keys reuse of images)."""
     sidecar = model_dir / SIDECAR
+    from t2i_recap.identity import model_digest
+
     from .weights import folder_sha256
 
     info = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
-    return {"path": str(model_dir.resolve()), "sha256": folder_sha256(model_dir), "sidecar": info}
+    return {"path": str(model_dir.resolve()), "sha256": folder_sha256(model_dir), "digest": model_digest(model_dir),
+            "sidecar": info}
 
 
 def _generate(pipe, prompts: list[str], seeds: list[int], s: GenSettings) -> list[Image.Image]:
@@ -101,26 +128,41 @@ def _quiet_diffusers():
         dlog.set_verbosity(level)
 
 
+def _reusable(images: ImageSet, out_dir: Path, variant: str, i: int, k: int, prompt: str, s: GenSettings) -> bool:
+    return (image_path(out_dir, variant, i, k).is_file()
+            and images.matches(i, k, prompt, image_seed(s.seed, i, k, s.images_per_prompt)))
+
+
 def generate_variant(pipe, out_dir: Path, variant: str, prompts: list[str | None], s: GenSettings,
-                     generate=_generate) -> dict:
-    """Generate the missing images of one variant; returns counts for the report."""
+                     key: dict, generate=_generate) -> dict:
+    """Generate the images of one variant that are missing or were made from anything else than
+    `key` (`imageset.set_key`), this prompt and this seed; returns counts for the report."""
+    images = ImageSet(out_dir / "images" / variant, key)
+    if images.stale:
+        log.info("%s: the images in %s were made with another model or settings; generating them anew",
+                 variant, images.path.parent)
     todo = [(i, k) for i, p in enumerate(prompts) if p for k in range(s.images_per_prompt)
-            if not image_path(out_dir, variant, i, k).is_file()]
+            if not _reusable(images, out_dir, variant, i, k, p, s)]
     cut = truncated_prompts(pipe, prompts, s.max_sequence_length)
     if cut:
         log.warning("%s: %d of %d prompts are longer than the model's %d text tokens and are truncated",
                     variant, cut, sum(bool(p) for p in prompts), s.max_sequence_length)
     info = {"generated": len(todo), "truncated_prompts": cut, "max_sequence_length": s.max_sequence_length}
     if not todo:
+        if images.stale or not images.path.is_file():
+            images.save()
         return info
     log.info("%s: generating %d images", variant, len(todo))
     with tqdm(total=len(todo), desc=f"generate {variant}", unit="img") as bar, _quiet_diffusers():
         for start in range(0, len(todo), s.batch_size):
             batch = todo[start:start + s.batch_size]
-            images = generate(pipe, [prompts[i] for i, _ in batch],
-                              [image_seed(s.seed, i, k, s.images_per_prompt) for i, k in batch], s)
-            for (i, k), img in zip(batch, images, strict=True):
+            generated = generate(pipe, [prompts[i] for i, _ in batch],
+                                 [image_seed(s.seed, i, k, s.images_per_prompt) for i, k in batch], s)
+            seeds = [image_seed(s.seed, i, k, s.images_per_prompt) for i, k in batch]
+            for (i, k), seed, img in zip(batch, seeds, generated, strict=True):
                 with atomic_path(image_path(out_dir, variant, i, k), suffix=".png") as tmp:
                     img.save(tmp, format="PNG")
+                images.record(i, k, prompts[i], seed)
+            images.save()  # after the batch's images: an entry never names an image not yet written
             bar.update(len(batch))
     return info

@@ -168,6 +168,7 @@ def run_eval(cfg: EvalConfig, argv: list[str] | None = None, generate=None) -> P
     """The whole evaluation; returns the path of report.json. `generate(pipe, prompts, seeds,
     settings) -> images` replaces the pipeline call (tests render gold scenes or noise with it)."""
     from .generate import generate_variant, model_info, resolve_model
+    from .imageset import scheduler_identity, set_key
     from .protocol import build_variants, cached_recaptions
     from .report import build_report, write_reports
     from .suites import load_suite, write_suite
@@ -195,9 +196,10 @@ def run_eval(cfg: EvalConfig, argv: list[str] | None = None, generate=None) -> P
                          dtype=None if cfg.dtype == "float32" else _torch_dtype(cfg.dtype))
     if cfg.scheduler:
         _swap_scheduler(pipe, cfg.scheduler)
+    key = set_key(info["digest"], settings, scheduler_identity(pipe))
     gen_started = time.time()
     extra = {"generate": generate} if generate is not None else {}
-    generated = {v.name: generate_variant(pipe, out, v.name, v.prompts, settings, **extra) for v in variants}
+    generated = {v.name: generate_variant(pipe, out, v.name, v.prompts, settings, key, **extra) for v in variants}
     gen_seconds = time.time() - gen_started
     del pipe
     from .score import score_variant
