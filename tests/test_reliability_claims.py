@@ -195,6 +195,19 @@ def test_each_skips_finished_waits_for_live_owners_and_takes_over_dead_ones(tmp_
     assert not me.dir.exists(), "the claims folder should be gone once every claim is released"
 
 
+def test_each_asks_again_once_claimed_so_a_shard_finished_meanwhile_is_not_redone(tmp_path):
+    """The race that a claim alone does not close: another process finishes the shard and releases its
+    claim between this process's first look and its claim."""
+    asked = Counter()
+
+    def is_done(name: str) -> bool:
+        asked[name] += 1
+        return asked[name] > 1  # unfinished at the first look, finished by the time the claim is won
+
+    assert list(_claims(tmp_path).each(["a"], str, is_done)) == []
+    assert asked["a"] == 2
+
+
 def test_each_stops_waiting_when_asked(tmp_path):
     _claims(tmp_path, node="elsewhere").try_acquire("x")  # live and beating
     stop = threading.Event()
@@ -317,7 +330,8 @@ def test_sigkill_of_one_run_its_shard_is_taken_over_by_the_other(tmp_path, capti
 
 
 def test_a_shard_held_by_a_silent_host_is_done_after_the_stale_timeout(tmp_path, captioner_shards):
-    """In process: the stale-timeout path of a real run (the holder is on another host, so only its heartbeat counts)."""
+    """In process: the stale-timeout path of a real run (the holder is on another host, so only its
+    heartbeat counts)."""
     from t2i_recap.captioner.run import CaptionRunConfig, Dist, caption_run
     from t2i_recap.claims import ClaimConfig
 
