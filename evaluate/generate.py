@@ -112,7 +112,15 @@ def truncated_prompts(pipe, prompts: list[str | None], max_sequence_length: int)
     texts = [p for p in prompts if p]
     if not texts or getattr(pipe, "tokenizer", None) is None:
         return 0
-    return sum(len(ids) > max_sequence_length for ids in pipe.tokenizer(texts, truncation=False)["input_ids"])
+    return sum(len(ids) > max_sequence_length for ids in pipe.tokenizer(texts, truncation=False, verbose=False)["input_ids"])
+
+
+def _told_tokenizer(pipe) -> None:
+    """The pipeline's own tokenizer call would warn once more ("Token indices sequence length is
+    longer ..."): mark that once-per-tokenizer notice as given, the count above says it."""
+    notices = getattr(getattr(pipe, "tokenizer", None), "deprecation_warnings", None)
+    if isinstance(notices, dict):
+        notices["sequence-length-is-longer-than-the-specified-maximum"] = True
 
 
 @contextlib.contextmanager
@@ -147,6 +155,7 @@ def generate_variant(pipe, out_dir: Path, variant: str, prompts: list[str | None
     if cut:
         log.warning("%s: %d of %d prompts are longer than the model's %d text tokens and are truncated",
                     variant, cut, sum(bool(p) for p in prompts), s.max_sequence_length)
+        _told_tokenizer(pipe)
     info = {"generated": len(todo), "truncated_prompts": cut, "max_sequence_length": s.max_sequence_length}
     if not todo:
         if images.stale or not images.path.is_file():

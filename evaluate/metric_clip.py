@@ -91,7 +91,7 @@ class ClipScorer:
             self.model, _TruncatingProcessor(self.processor, self.max_length)))
 
     def token_lengths(self, texts: list[str]) -> list[int]:
-        ids = self.processor.tokenizer(texts, truncation=False)["input_ids"]
+        ids = self.processor.tokenizer(texts, truncation=False, verbose=False)["input_ids"]
         return [len(x) for x in ids]
 
     @torch.no_grad()

@@ -195,6 +195,12 @@ class Demo:
                 str(self.assets / "clip")], self._threads())
         return {"stats": str(out / "stats.json")}
 
+    def _text_encoder_dir(self) -> Path:
+        """The CLIP's text tower as its own CLIPTextModel folder; a user's assets folder from before
+        that folder existed gives its whole CLIPModel (it loads too, with a report of unused keys)."""
+        text = self.assets / "clip_text"
+        return text if (text / "config.json").is_file() else self.assets / "clip"
+
     def train_config(self) -> Path:
         """The demo's training YAML: the shapes recipe with this run's paths filled in."""
         from t2i_recap.train_config import TrainConfig
@@ -202,7 +208,7 @@ class Demo:
         data = load_yaml(self.cfg.train_config)
         data.setdefault("data", {}).update(shards=str(self.web), recaption_dir=str(self.recaptions),
                                            resolution=self.cfg.resolution)
-        data.setdefault("text_encoder", {})["name_or_path"] = str(self.assets / "clip")
+        data.setdefault("text_encoder", {})["name_or_path"] = str(self._text_encoder_dir())
         data.setdefault("features", {}).update(vae=str(self.assets / "vae"), cache_dir=str(self.out / "features"))
         data.setdefault("trainer", {}).update(max_steps=self.cfg.train_steps, batch_size=self.cfg.train_batch_size,
                                               micro_batch_size=self.cfg.train_batch_size, seed=self.cfg.seed)

@@ -101,7 +101,7 @@ class TextEncoder:
                 "max_length": self.max_length, "dtype": self.cfg.dtype, "model_type": self.model_type}
 
     def token_counts(self, texts: list[str]) -> list[int]:
-        return [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
+        return [len(ids) for ids in self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

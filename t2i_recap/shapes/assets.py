@@ -3,6 +3,8 @@
 DIR/tokenizer  byte-level BPE (AutoTokenizer)
 DIR/clip       CLIPModel + tokenizer + CLIPImageProcessor (the paper's Recap-CLIP at toy scale)
 DIR/vae        AutoencoderKL with a measured scaling_factor
+DIR/clip_text  the CLIP's text tower alone (CLIPTextModel + tokenizer), derived from DIR/clip: the
+               text encoder a trainer loads with the class it is (no report of unused vision keys)
 DIR/assets.json  fingerprints, quality numbers, seeds, timings
 
 The package ships one prebuilt set (`t2i_recap/shapes/prebuilt/`, 1.9 MB of safetensors and JSON,
@@ -183,6 +185,42 @@ def _build_vae(folder: Path, cfg: AssetsConfig, out: Path) -> dict:
 
 
 _BUILDERS = {"tokenizer": _build_tokenizer, "clip": _build_clip, "vae": _build_vae}
+# Derived from a part (never shipped, never fingerprinted on its own): rewritten whenever its source
+# part's fingerprint changes, so the prebuilt set and its fingerprints stay as they are.
+DERIVED = {"clip_text": "clip"}
+
+
+def _build_clip_text(folder: Path, out: Path) -> None:
+    """The CLIPModel's text tower saved as a CLIPTextModel folder, with the CLIP's tokenizer."""
+    from transformers import AutoTokenizer, CLIPModel, CLIPTextModel
+
+    clip = CLIPModel.from_pretrained(str(out / "clip"))
+    text = CLIPTextModel(clip.config.text_config)
+    text.load_state_dict(clip.text_model.state_dict())  # strict: every weight of the tower, nothing else
+    text.save_pretrained(str(folder), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(out / "clip")).save_pretrained(str(folder))
+
+
+DERIVED_RECORD = "derived_from.json"
+
+
+def _derive_parts(out: Path) -> None:
+    """Write each derived folder whose record names another source fingerprint than assets.json's."""
+    parts = read_manifest(out).get("parts", {})
+    for derived, source in DERIVED.items():
+        source_fp = parts.get(source, {}).get("fingerprint")
+        if source_fp is None:
+            continue
+        record = out / derived / DERIVED_RECORD
+        want = {"derived_from": source, "source_fingerprint": source_fp}
+        if record.is_file() and json.loads(record.read_text(encoding="utf-8")) == want:
+            continue
+        log.info("%s: writing %s from %s", out, derived, source)
+
+        def build(folder: Path) -> None:
+            _build_clip_text(folder, out)
+            (folder / DERIVED_RECORD).write_text(json.dumps(want, indent=1), encoding="utf-8")
+        _build_dir(out, derived, build)
 
 
 def _loads(part: str, folder: Path) -> bool:
@@ -325,6 +363,8 @@ def build_assets(out_dir: str | Path, config: AssetsConfig | None = None, *, for
                 "quality": quality,
             }
             _write_manifest(out, cfg, parts, fingerprints)  # after each part: a crash keeps finished ones
+        if out.resolve() != PREBUILT.resolve():  # the shipped set stays three parts
+            _derive_parts(out)
         _write_manifest(out, cfg, parts, fingerprints)
     return out
 
