@@ -350,6 +350,32 @@ def test_a_shard_held_by_a_silent_host_is_done_after_the_stale_timeout(tmp_path,
     _exactly_once(out, captioner_shards)
 
 
+def test_a_run_whose_claim_is_taken_over_mid_shard_drops_that_shard(tmp_path, captioner_shards):
+    """This process stalled past the stale timeout and another took its claim: it must not write the shard."""
+    from t2i_recap.captioner.run import CaptionRunConfig, Dist, caption_run
+    from t2i_recap.claims import Owner
+
+    from test_reliability_bad_input import EchoBackend
+
+    out = tmp_path / "out"
+    claim = out / ".claims" / "00001.claim"
+    taker = dataclasses.replace(Owner.here(), node="elsewhere", host="elsewhere", token="taker")
+
+    class StolenMidShard(EchoBackend):
+        def caption(self, images, prompts, max_new_tokens=128, **kw):
+            if claim.exists() and _token(claim) != "taker":  # the taker replaces the claim file atomically
+                tmp = claim.with_name("steal.tmp")
+                tmp.write_text(json.dumps(dataclasses.asdict(taker)))
+                os.replace(tmp, claim)
+            return super().caption(images, prompts, max_new_tokens, **kw)
+
+    cfg = CaptionRunConfig(input=str(captioner_shards), out=str(out), model="echo", batch_size=2)
+    summary = caption_run(cfg, Dist(), StolenMidShard())
+    assert [x["shard"] for x in summary["shards_lost"]] == ["00001"] and summary["shards_done"] == 3
+    assert sorted(p.stem for p in out.glob("*.parquet")) == ["00000", "00002", "00003"]
+    assert _token(claim) == "taker", "the taker's claim must survive the loser's release and prune"
+
+
 @pytest.mark.slow
 def test_sigterm_stops_cleanly_then_the_rerun_completes(tmp_path, captioner_shards, tiny_llava_dir):
     from t2i_recap.captioner.writer import read_info
