@@ -171,7 +171,12 @@ class Claim:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            if not self.still_mine():
+            try:
+                mine = self.still_mine()
+            except OSError as exc:  # a flaky shared disk: keep beating; the stale timeout covers a long outage
+                log.warning("heartbeat of claim %s failed: %s", self.path, exc)
+                continue
+            if not mine:
                 log.warning("claim %s was taken over by another process; this one drops the shard", self.path)
                 self.lost.set()
                 return
