@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
+    from t2i_recap.caption_specs import CaptionSpecError
     from t2i_recap.train_config import TrainConfig
     from t2i_recap.sidecar_join import RecaptionCoverageError, SidecarMismatchError
     from t2i_recap.trainer import NonFiniteLossError, train
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as exc:  # a clear one-line reason, not a traceback
         print(f"t2i-recap train: error: {exc}", file=sys.stderr)
         return 3
-    except (SidecarMismatchError, RecaptionCoverageError) as exc:  # the data is not what it claims to be
+    except (SidecarMismatchError, RecaptionCoverageError, CaptionSpecError) as exc:  # the data is not what it claims to be
         print(f"t2i-recap train: error: {exc}", file=sys.stderr)
         return 2
     import os

@@ -107,3 +107,17 @@ def test_hf_webdataset_sidecars_are_named_as_the_tars_and_join_them(real_shards,
     examples = [src.decode(rec) for rec in src.records(0)]
     assert len(examples) == 3 and all(ex["recaption"].startswith("an image ") for ex in examples)
     assert all(ex["original"].startswith("org caption of") for ex in examples)
+
+
+def test_train_stops_with_one_error_line_when_a_spec_finds_nothing(real_shards, train_assets, tmp_path, capsys):
+    from fixtures_train import train_config_dict, write_config
+
+    from t2i_recap.train import main
+
+    cfg = train_config_dict(train_assets, real_shards["jpg"], tmp_path / "run")
+    cfg["data"].update(original_caption="json:alt_text", recaption="txt")
+    cfg["mixing"]["p"] = 1.0  # the paper's baseline: originals only, which this spec never finds
+    assert main(["--config", str(write_config(tmp_path / "train.yaml", cfg))]) == 2
+    err = capsys.readouterr().err
+    assert "'json:alt_text'" in err and "'00000.tar'" in err
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
