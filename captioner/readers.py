@@ -354,18 +354,25 @@ def _folder_entries(root: Path) -> list[tuple[str, dict | None, str | None]]:
     return entries
 
 
+def _folder_caption(row: dict, rel: str, cfg: ReaderConfig) -> tuple[Any, list[str]]:
+    """A metadata.jsonl row's original caption by the same spec as a table row's; a row without it has none."""
+    if not row:
+        return None, []
+    try:
+        return _row_caption(row, _Columns(None, None, None, _table_caption(list(row), cfg, rel)), cfg), []
+    except ValueError as exc:  # CaptionSpecError too: the image is still captioned, without a hint
+        return None, [f"no original caption: {exc}"]
+
+
 def _folder_samples(root: Path, entries: list, shard: str, cfg: ReaderConfig) -> Iterator[Sample]:
     resolved_root = root.resolve()
     for rel, row, error in entries:
         row = row or {}
         stem = re.sub(r"[^A-Za-z0-9_.\-]", "_", str(Path(rel).with_suffix(""))).lstrip("._-")
         key, key_error = _safe_key(row.get(cfg.key_column or "key", stem))
-        try:
-            caption_raw = _row_caption(row, _Columns(None, None, None, _table_caption(list(row), cfg, rel)), cfg) \
-                if row else None
-        except (CaptionSpecError, ValueError) as exc:
-            caption_raw, error = None, error or f"metadata.jsonl row of {rel}: {exc}"
+        caption_raw, spec_note = _folder_caption(row, rel, cfg)
         caption, notes = decode_caption(caption_raw, cfg.max_caption_chars)
+        notes.extend(spec_note)
         if not row and error is None:
             notes.append("image not listed in metadata.jsonl: no original caption")
         sample = Sample(key=key, shard=shard, org_caption=caption, error=error or key_error, notes=notes)
