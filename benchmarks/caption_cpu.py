@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-sizes", default="4,8,32", help="comma-separated batch sizes to compare with 1")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--force-length", action="store_true",
-                   help="generate exactly --max-new-tokens per image (min_new_tokens), as REFERENCE.md's H100 numbers")
+                   help="generate exactly --max-new-tokens per image (min_new_tokens), as the reference H100 numbers")
     p.add_argument("--resolution", type=int, default=32, help="shapes image size in pixels")
     add_output_args(p)
     args = p.parse_args(argv)

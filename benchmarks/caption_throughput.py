@@ -2,7 +2,7 @@
 
 The model is LLaVA-1.5-shaped (CLIP ViT-L/14 at 336 px, 576 image tokens, 2-layer GELU projector) with a
 LLaMA-3-8B-shaped decoder (4096 wide, 32 layers, 8 KV heads, 128,256-token vocabulary), random weights
-in bf16, as REFERENCE.md section 3's measurement (13.6 img/s at batch 64, 17.7 at 128, one H100).
+in bf16, as docs/references.md section 3's measurement (13.6 img/s at batch 64, 17.7 at 128, one H100).
 Every caption is forced to exactly --new-tokens tokens (min_new_tokens), so batches cost the same
 whatever the random weights emit (the tiny shape's head suppresses every token but the end
 token, so a path that fails to force shows it). Both paths start from decoded images and include

@@ -4,9 +4,9 @@ Makes (or reuses) a curated training world with several gold wordings per image 
 held-out test set (500 scenes, split "test", seed 0), then fine-tunes each variant with
 `t2i-recap caption finetune` (configs/caption/finetune_shapes.yaml plus the variant's overrides),
 several at once on one device, and scores each with `t2i-recap caption fidelity`. Prints a
-Markdown table: exact scene-graph match on held-out 1-2-object scenes (issue 4's measure), by
+Markdown table: exact scene-graph match on held-out 1-2-object scenes (the captioner's fidelity target), by
 object count, and the training time. Writes OUT/sweep.json and OUT/sweep.md; `--pack BEST.tar`
-also packs the best captioner folder into one tar file (the device tool returns single files).
+also packs the best captioner folder into one tar file (one file is easy to copy off a remote machine).
 
   python benchmarks/captioner_sweep.py --out /tmp/sweep --device cuda --variants l2h128 l4h256
   python benchmarks/captioner_sweep.py --out /tmp/sweep --tiny        # CPU smoke test, ~2 minutes
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         best = max(scored, key=lambda r: r["exact_1_2"])
         folder = out / best["variant"] / "captioner"
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-        with tarfile.open(args.pack, "w") as tar:  # the device tool returns files of at most 16 MiB
+        with tarfile.open(args.pack, "w") as tar:
             if size < 15 * 2**20:
                 tar.add(folder, arcname=f"captioner-{best['variant']}")
             else:

@@ -1,8 +1,8 @@
 """CPU data-path throughput (no GPU needed): shard read, decode + resize, feature-cache read, in samples/s.
 
 Each stage runs in ONE process through the project's own code, so "processes needed" = the rate a
-GPU consumes / the rate one process delivers. The GPU rates are REFERENCE.md section 4 and 3's
-measurements on one H100 (not measured by this script), and the issue's targets:
+GPU consumes / the rate one process delivers. The GPU rates are docs/references.md section 4 and 3's
+measurements on one H100 (not measured by this script), and the project's speed targets:
 
   stage                                   code                                   consumer
   tar read                                t2i_recap.shards.iter_tar_samples      -
@@ -34,13 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synthetic  # noqa: E402
 from common import add_output_args, pick_device, report  # noqa: E402
 
-# REFERENCE.md measurements on one H100 (img/s one GPU consumes), and the issue's targets.
+# docs/references.md measurements on one H100 (img/s one GPU consumes), and the project's speed targets.
 CONSUMERS = {
-    "train": [("DiT-B/4 plain levers, H100 (REFERENCE.md §4, measured)", 6867.0),
-              ("DiT-B/4 issue target (1.5x plain levers)", 6867.0 * 1.5),
-              ("DiT-XL/2 plain levers, H100 (REFERENCE.md §4, measured)", 420.0)],
-    "caption": [("8B LLaVA plain generate b128, H100 (REFERENCE.md §3, measured)", 17.7),
-                ("8B LLaVA issue target", 35.0)],
+    "train": [("DiT-B/4 plain levers, H100 (docs/references.md section 4, measured)", 6867.0),
+              ("DiT-B/4 speed target (1.5x plain levers)", 6867.0 * 1.5),
+              ("DiT-XL/2 plain levers, H100 (docs/references.md section 4, measured)", 420.0)],
+    "caption": [("8B LLaVA plain generate b128, H100 (docs/references.md section 3, measured)", 17.7),
+                ("8B LLaVA speed target", 35.0)],
 }
 
 
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.extend(consumer_rows(name, kind, items / sec, mb))
     notes = [f"{args.samples} synthetic samples, 4:3 JPEG q90 with long side {args.image_size} px "
              f"({tar_mb * 1e3:.0f} kB/sample in the tar); one process, {args.threads} torch thread(s).",
-             "Consumer rates are REFERENCE.md's H100 measurements or the issue's targets, not measured here.",
+             "Consumer rates are the reference H100 measurements or the project's speed targets, not measured here.",
              "processes needed = consumer img/s / samples/s of one process (DataLoader workers, or ranks' share)."]
     columns = ["stage", "samples/s (1 process)", "MB/sample", "MB/s", "GPU consumer", "consumer img/s",
                "processes needed", "consumer MB/s"]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The DiT trainer under accelerate's FSDP2 on one NVIDIA GPU (issue 8), through the documented
+# The DiT trainer under accelerate's FSDP2 on one NVIDIA GPU, through the documented
 # launcher config: train with checkpoints and validation, `--resume latest`, the same run straight
 # through (weights must agree), a one-process resume of the FSDP checkpoint, `export`.
 #
@@ -11,7 +11,7 @@
 # package ships prebuilt; without them, or if that takes over 60 s, random tiny encoders from
 # tests/fixtures_train.py: FSDP's correctness does not depend on what the encoders learned).
 # Prints one PASS/FAIL line per check; exits 1 if any failed. Everything, commands' output included,
-# goes to $OUT/fsdp_check.log ($OUT defaults to a new temp folder; the work folder to FSDP_CHECK_WORK).
+# goes to FSDP_CHECK_OUT/fsdp_check.log (default: a new temp folder; the work folder is FSDP_CHECK_WORK).
 # FSDP_CHECK_CPU=1 runs the same steps on CPU processes (FSDP_CHECK_PROCESSES, default 1) through
 # tests/fsdp_cpu_harness.py, which lifts accelerate's GPU-only FSDP gate: how this script is tested
 # on a machine without a GPU.
@@ -20,7 +20,7 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 1
 PY="${PYTHON:-python3}"
-OUT="${OUT:-$(mktemp -d /tmp/fsdp-check-out.XXXXXX)}"
+OUT="${FSDP_CHECK_OUT:-$(mktemp -d /tmp/fsdp-check-out.XXXXXX)}"
 WORK="${FSDP_CHECK_WORK:-$(mktemp -d /tmp/fsdp-check.XXXXXX)}"
 mkdir -p "$OUT" "$WORK"
 LOG="$OUT/fsdp_check.log"

@@ -2,7 +2,7 @@
 
     python benchmarks/memory_rss.py --sizes 10000 100000 --work /tmp/t2i_rss
 
-Bounded memory (issue 8.6) means the peak stays flat as the dataset grows: both jobs stream shard by
+Bounded memory means the peak stays flat as the dataset grows: both jobs stream shard by
 shard, so their peak depends on the shard size, not on the number of shards. Each job runs as
 its own process (the real CLIs: `python -m t2i_recap.captioner`, `python -m t2i_recap.prepare`) and
 its peak resident set size is read from the kernel when it exits (`wait4` rusage, ru_maxrss).

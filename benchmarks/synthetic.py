@@ -1,6 +1,6 @@
 """Synthetic inputs for the benchmarks: web-like JPEG shards, random encoders of real widths, a feature cache.
 
-Nothing is downloaded. The shards follow img2dataset's webdataset layout (REFERENCE.md section 2:
+Nothing is downloaded. The shards follow img2dataset's webdataset layout (docs/references.md section 2:
 `<key>.jpg`, `<key>.txt` = original alt-text, `<key>.json` with `re_caption`). The encoders are
 random and shallow but as WIDE as the real ones (CLIP-L text 768, T5-XXL 4096, an 8x VAE with 4
 latent channels), so every cached tensor has its real shape and byte size; their depth only changes
@@ -57,7 +57,7 @@ def write_shards(out: Path, *, samples: int, shards: int, image_size: int, seed:
                 key = f"{s:05d}{i:04d}"
                 buf = io.BytesIO()
                 _image(nrng, w, h).save(buf, format="JPEG", quality=quality)
-                org, recap = _caption(rng, 10), _caption(rng, 49)  # REFERENCE.md: mean lengths 10.22 and 49.43
+                org, recap = _caption(rng, 10), _caption(rng, 49)  # docs/references.md: mean lengths 10.22 and 49.43
                 meta = {"key": key, "caption": org, "org_caption": org, "re_caption": recap, "status": "success",
                         "width": w, "height": h, "error_message": None}
                 for ext, data in (("jpg", buf.getvalue()), ("txt", org.encode()), ("json", json.dumps(meta).encode())):

@@ -8,8 +8,8 @@ step time, TFLOP/s from torch.utils.flop_counter over forward + backward, MFU ag
 
 Rows ("variants"; one base plus +levers, e.g. baseline+nomask+compile):
   fp32          plain diffusers PixArtTransformer2DModel, fp32, all-ones text mask, fused AdamW
-  baseline      the same under bf16 autocast (REFERENCE.md section 4's plain row)
-  plain-levers  baseline+nomask+compile (REFERENCE.md's "plain levers": 37% / 32% MFU on an H100)
+  baseline      the same under bf16 autocast (docs/references.md section 4's plain row)
+  plain-levers  baseline+nomask+compile (the reference "plain levers": 37% / 32% MFU on an H100)
   project       t2i_recap.models registry + the switches the trainer exposes, stepped the way
                 t2i_recap.trainer steps (objective.loss with its per-step device generator, grad clipping)
 Levers: nomask (pass no text mask when nothing is padded: lets SDPA take its flash kernel; with
@@ -45,7 +45,7 @@ SIZES = {
     "paper": {"models": ["DiT-B/4", "DiT-B/2", "DiT-XL/2"], "texts": ["clip-l", "t5-xxl"], "latent": 32},
     "tiny": {"models": ["DiT-tiny/2"], "texts": ["clip-tiny", "t5-tiny"], "latent": 8},
 }
-# Batches near REFERENCE.md's measurements: B/4 at 512, XL/2 at 64 (bf16 baseline OOMs at 128).
+# Batches near the reference measurements: B/4 at 512, XL/2 at 64 (bf16 baseline OOMs at 128).
 DEFAULT_BATCH = {"DiT-B/4": 512, "DiT-B/2": 256, "DiT-XL/2": 64, "DiT-L/2": 96}
 BASES = ("fp32", "baseline", "project")
 LEVERS = ("nomask", "mask", "compile", "max-autotune", "cudagraphs", "ckpt", "foreach")
@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="batch for every model (default: per model, tiny 8)")
     p.add_argument("--caption-tokens", type=int, default=None,
                    help="real tokens per caption (3/4 to all of it, rest padding); default: no padding (all-ones "
-                        "mask, as REFERENCE.md measured); recaptions average ~49 words (REFERENCE.md)")
+                        "mask, as docs/references.md measured); recaptions average ~49 words (docs/references.md)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per row (median reported)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on GPU, 1 on CPU)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flops-only", action="store_true",
                    help="only count FLOPs per image (fake tensors, no compute) and the img/s that --mfu-levels mean")
     p.add_argument("--mfu-levels", type=float, nargs="+", default=[37.0, 45.0, 55.0],
-                   help="MFU levels (%%) for --flops-only (default: REFERENCE.md's plain-levers 37%%, "
+                   help="MFU levels (%%) for --flops-only (default: the reference plain-levers 37%%, "
                         "the targets 45%% and 55%%)")
     add_output_args(p)
     return p

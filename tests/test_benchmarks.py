@@ -133,19 +133,20 @@ def test_trainer_e2e_tiny(tmp_path):
     assert not list((tmp_path / "work" / "runs" / "w0").glob("checkpoints/step-*")), "checkpoint written by default"
 
 
-def test_gpu_session_script_dry_run(tmp_path):
-    script = BENCH / "gpu_session.sh"
+def test_gpu_suite_script_dry_run(tmp_path):
+    script = BENCH / "gpu_suite.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    proc = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "OUT": str(tmp_path)}, cwd=ROOT)
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(script), "--dry-run", "--out", str(out)], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     for name in ("train_step.py", "trainer_e2e.py", "caption_throughput.py", "data_cpu.py"):
         assert name in proc.stdout
     assert "timeout" in proc.stdout
-    assert not list(tmp_path.iterdir()), "a dry run wrote files"
-    # Each part's timeout is cut to what is left of the call's budget; with under a minute left, it is skipped.
-    short = subprocess.run(["bash", str(script), "--dry-run", "train-b4", "caption"], capture_output=True, text=True,
-                           timeout=60, env={**os.environ, "OUT": str(tmp_path), "BENCH_BUDGET_S": "30"}, cwd=ROOT)
+    assert not list(out.iterdir()), "a dry run wrote files"
+    # Each part's timeout is cut to what is left of --time-limit; with under a minute left, it is skipped.
+    short = subprocess.run(["bash", str(script), "--dry-run", "--out", str(out), "--time-limit", "30", "train-b4",
+                            "caption"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert short.returncode == 0 and short.stdout.count("skipped") == 2, short.stdout
     bad = subprocess.run(["bash", str(script), "--dry-run", "train-b5"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown part 'train-b5'" in bad.stderr
@@ -213,7 +214,7 @@ def test_tiny_captioner_stops_at_once_unless_forced():
 
 @pytest.mark.slow
 def test_captioner_sweep_tiny(tmp_path):
-    """The GPU sweep of issue 4 at smoke size on the CPU: worlds made, two variants fine-tuned side
+    """The GPU captioner sweep at smoke size on the CPU: worlds made, two variants fine-tuned side
     by side, each scored by `caption fidelity`, the table printed and the best one packed."""
     import tarfile
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Run the GPU benchmarks on one card and collect their tables under $OUT.
+# Run the GPU benchmarks on one card and collect their tables in one output folder.
 #
-#   bash benchmarks/gpu_session.sh --fetch-wheels        # HERE (PyPI reachable): wheels the GPU image lacks -> .whl/
-#   bash benchmarks/gpu_session.sh [--dry-run] PART...   # THERE, from the repository root
+#   bash benchmarks/gpu_suite.sh --fetch-wheels                  # on a machine with PyPI: wheels -> .whl/
+#   bash benchmarks/gpu_suite.sh [--out DIR] [--time-limit S] [--dry-run] PART...   # on the GPU machine
 #
+# The GPU machine may be offline: --fetch-wheels downloads the few wheels a stock CUDA PyTorch image
+# lacks into .whl/, and the run installs them and this project into a private --target folder.
 # PARTs (each under its own timeout, so one hang or OOM never costs the others' results):
 #   env        card, driver, versions                                           (~0.5 min)
 #   smoke      every script at its tiny size on the GPU: catches breakage fast  (~2 min)
@@ -14,37 +16,32 @@
 #   e2e        trainer_e2e.py: DiT-B/4 trainer, batch in memory / 0 / 8 workers  (~4 min)
 #   caption    caption_throughput.py: 8B LLaVA shape, batches 32 64 128          (~5 min)
 #   data       data_cpu.py: shard decode and cache read on this machine's CPUs (~2 min)
-#   b4-clip    train_step.py: DiT-B/4, CLIP-L text only, 3 rows        (a short lease's first call)
+#   b4-clip    train_step.py: DiT-B/4, CLIP-L text only, 3 rows
 #   xl2-clip   train_step.py: DiT-XL/2, CLIP-L text only, 3 rows
 #   caption-2  caption_throughput.py: 8B LLaVA shape, batches 64 128, 2 timed batches each
 #   fsdp       gpu_fsdp_check.sh: the trainer under accelerate's FSDP2 on this GPU (1 process)  (~2 min)
 #   caption-sweep  captioner_sweep.py: the tiny shapes captioner, 6 decoder variants at once on
-#              the GPU, caption fidelity of each (issue 4); sweep.md + best_captioner.tar    (~6 min)
-#   all        every part above, in that order (more than one 10-minute device call: split it)
-# Minutes are estimates, not measurements. With the device tool, one call per plan line, in order
-# of the issue's priorities, each started right after the last (a machine stays warm for 30 s):
-#   run(command="bash benchmarks/gpu_session.sh env smoke train-b4", carry=[".whl"])
-#   run(command="bash benchmarks/gpu_session.sh train-xl2", carry=[".whl"])
-#   run(command="bash benchmarks/gpu_session.sh caption e2e", carry=[".whl"])
-#   run(command="bash benchmarks/gpu_session.sh train-b2 train-pad data", carry=[".whl"])   # if time is left
-# Output (at most 4 files, within the tool's 8-file limit): $OUT/tables.md (every table with its
-# command and environment), $OUT/results.jsonl (one JSON line per row), $OUT/session.log (all output),
-# $OUT/env.txt. Without OUT set, ./bench-out is used. BENCH_BUDGET_S (default 570) is the whole
-# call's budget: each part's timeout is cut to what is left, and a part with under a minute left is skipped.
+#              the GPU, caption fidelity of each; sweep.md + best_captioner.tar       (~6 min)
+#   all        every part above, in that order
+# Minutes are estimates, not measurements.
+# Output in --out DIR (default ./bench-out): tables.md (every table with its command and
+# environment), results.jsonl (one JSON line per row), run.log (all output), env.txt.
+# --time-limit S (default 570) bounds the whole run: each part's timeout is cut to what is left, and
+# a part with under a minute left is skipped, so a run under an outer wall-clock limit still ends
+# with complete tables.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 1
-OUT="${OUT:-$ROOT/bench-out}"
+OUT="$ROOT/bench-out"
 PY="${PYTHON:-python3}"
 SITE="${BENCH_SITE:-/tmp/bench-site}"
 DRY=0
-# The device tool stops a command at 600 s; every part's timeout is cut to what is left of this budget.
-BUDGET="${BENCH_BUDGET_S:-570}"
+LIMIT=570
 START=$(date +%s)
-# Wheels the GPU image lacks (KINDS.md lists its packages): diffusers and importlib_metadata for it
-# (held below 9, whose new dependency the image also lacks); transformers 5.24.0 replaces the image's
-# 5.17 so both machines run the version the project is tested with (its other needs are in the image).
+# Wheels a stock CUDA PyTorch image lacks: diffusers and importlib_metadata for it (held below 9,
+# whose new dependency such images also lack); transformers 5.24.0 so the GPU runs the version the
+# project is tested with (its other needs come with the image).
 WHEELS=("diffusers==0.42.1" "importlib_metadata==8.7.0" "transformers==5.24.0" "braceexpand==0.1.7" "webdataset==1.0.2")
 
 fetch_wheels() {
@@ -58,17 +55,17 @@ fetch_wheels() {
   ls -la .whl
 }
 
-# run NAME SECONDS CMD...: one benchmark under a timeout, output appended to the session log.
+# run NAME SECONDS CMD...: one benchmark under a timeout, output appended to run.log.
 run() {
   local name="$1" secs="$2" left
   shift 2
-  left=$((BUDGET - ($(date +%s) - START) - 15))
+  left=$((LIMIT - ($(date +%s) - START) - 15))
   if [ "$left" -lt "$secs" ]; then secs=$left; fi
   if [ "$secs" -lt 60 ]; then
-    echo "== $name: skipped, ${left}s left of the ${BUDGET}s budget"
+    echo "== $name: skipped, ${left}s left of the ${LIMIT}s time limit"
     if [ "$DRY" = 0 ]; then
-      echo "== $name: skipped (budget)" >>"$OUT/session.log"
-      echo "- $name: not run (the call's time budget was spent)" >>"$OUT/tables.md"
+      echo "== $name: skipped (time limit)" >>"$OUT/run.log"
+      echo "- $name: not run (the run's --time-limit was spent)" >>"$OUT/tables.md"
     fi
     return 0
   fi
@@ -78,9 +75,9 @@ run() {
   fi
   local start rc
   start=$(date +%s)
-  timeout --signal=INT --kill-after=30 "$secs" "$@" 2>&1 | tee -a "$OUT/session.log"
+  timeout --signal=INT --kill-after=30 "$secs" "$@" 2>&1 | tee -a "$OUT/run.log"
   rc=${PIPESTATUS[0]}
-  echo "== $name: exit $rc after $(($(date +%s) - start)) s" | tee -a "$OUT/session.log"
+  echo "== $name: exit $rc after $(($(date +%s) - start)) s" | tee -a "$OUT/run.log"
   if [ "$rc" = 124 ]; then
     echo "- $name stopped by its ${secs}s timeout; rows above it are complete." >>"$OUT/tables.md"
   fi
@@ -109,12 +106,12 @@ setup() {
   export PYTHONSAFEPATH=1
   if ! "$PY" -P -c "import transformers" >/dev/null 2>&1; then
     # e.g. a dependency of the carried version is older in the image: use the image's own transformers
-    echo "the carried transformers does not import here; falling back to the image's version" | tee -a "$OUT/session.log"
+    echo "the wheel-installed transformers does not import here; falling back to the image's version" | tee -a "$OUT/run.log"
     rm -rf "$SITE"/transformers "$SITE"/transformers-*.dist-info
   fi
   # -P: the checkout's own t2i_recap/ folder (no captioner/ inside) must not shadow the installed package
   "$PY" -P -c "import diffusers, transformers, torch, t2i_recap.captioner.backend; print('imports ok:', \
-'transformers', transformers.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/session.log" \
+'transformers', transformers.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/run.log" \
     || { echo "imports failed: see above" >&2; exit 1; }
 }
 
@@ -156,7 +153,7 @@ part() {
     xl2-clip) run xl2-clip 360 "$PY" "$t" --sizes paper --models DiT-XL/2 --texts clip-l --keep-going $(common_args) ;;
     caption-2) run caption-2 300 "$PY" benchmarks/caption_throughput.py --shape 8b --batch-sizes 64 128 --repeats 2 \
       --weights-dir /tmp/bench-llava --keep-going $(common_args) ;;
-    fsdp) run fsdp 200 bash benchmarks/gpu_fsdp_check.sh ;;
+    fsdp) FSDP_CHECK_OUT="$OUT" run fsdp 200 bash benchmarks/gpu_fsdp_check.sh ;;
     caption-sweep)
       run caption-sweep 420 "$PY" -P benchmarks/captioner_sweep.py --out /tmp/caption-sweep --device cuda \
         --num-train "${SWEEP_TRAIN:-10000}" --epochs "${SWEEP_EPOCHS:-3}" --parallel 6 --timeout 330 \
@@ -169,11 +166,15 @@ part() {
 
 main() {
   local parts=()
-  for a in "$@"; do
+  while [ $# -gt 0 ]; do
+    local a="$1"
+    shift
     case "$a" in
       --fetch-wheels) fetch_wheels; exit $? ;;
       --dry-run) DRY=1 ;;
-      -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+      --out) OUT="$(mkdir -p "$1" && cd "$1" && pwd)"; shift ;;
+      --time-limit) LIMIT="$1"; shift ;;
+      -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
       all) parts+=(env smoke train-b4 train-b2 train-xl2 train-pad e2e caption data) ;;
       *) parts+=("$a") ;;
     esac
