@@ -473,6 +473,9 @@ def set_trainable(model, cfg: FinetuneConfig):
 
 
 def _add_lora(model, settings: LoraSettings):
+    from t2i_recap.extras import require
+
+    require("peft", extra="caption", why="lora.enabled: true")
     from peft import LoraConfig, get_peft_model
 
     # Adapters only inside the decoder: the vision tower has q/k/v projections with the same names.

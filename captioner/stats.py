@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from t2i_recap.extras import available
 from t2i_recap.io import atomic_path, atomic_write_text
 from t2i_recap.logging_utils import get_logger, setup_logging
 from t2i_recap.shards import shard_id
@@ -254,7 +255,8 @@ def render_markdown(stats: dict) -> str:
     lines.append(f"- Throughput: {tp['images_per_second_per_process']} images/s per process "
                  f"({tp['captioned']} images over {tp['process_seconds']} process-seconds, {tp['shards']} shards, "
                  f"devices {_md(', '.join(tp['devices']))}, model {_md(', '.join(tp['models']))}).")
-    lines += ["", "![caption lengths](lengths.png)", ""]
+    lines += ["", "![caption lengths](lengths.png)" if "plot_skipped" not in stats
+              else f"(caption-length plot not drawn: {stats['plot_skipped']})", ""]
     return "\n".join(lines)
 
 
@@ -327,8 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     stats, lists = compute_stats(args.sidecars, args.clip, args.tokenizer, args.images)
     out = Path(args.out)
+    if not available("matplotlib"):  # the plot only: stats.json and stats.md are complete without it
+        stats["plot_skipped"] = "matplotlib is not installed (pip install 't2i-recap[caption]')"
+        log.warning("lengths.png not drawn: %s", stats["plot_skipped"])
     atomic_write_text(out / "stats.json", json.dumps(stats, indent=2, sort_keys=True))
-    plot_lengths(stats, lists["words"], lists["tokens"], out / "lengths.png")
+    if "plot_skipped" not in stats:
+        plot_lengths(stats, lists["words"], lists["tokens"], out / "lengths.png")
     atomic_write_text(out / "stats.md", render_markdown(stats))
     w = stats["captions"]["words"]
     print(f"mean words: original {w['original'].get('mean')} vs recaption {w['recaption'].get('mean')}; "

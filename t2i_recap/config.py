@@ -167,9 +167,15 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Defaults of `cls`, overridden by the YAML file at `path`, then by `--set` strings."""
+    """Defaults of `cls`, overridden by the YAML file at `path`, then by `--set` strings.
+
+    `path` is a file or a shipped recipe's name (`recap_dit_b4_clip`), found by
+    `config_registry.resolve_config` in the folder of `cls`'s kind."""
     data: dict = {}
     if path is not None:
+        from t2i_recap.config_registry import kind_of, resolve_config
+
+        path = resolve_config(path, kind_of(cls))
         data = load_yaml(path)
         from_dict(cls, data, str(path))  # errors name the file before --set mixes in
     for text in overrides or []:

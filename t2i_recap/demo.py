@@ -31,7 +31,6 @@ from t2i_recap.logging_utils import get_logger, setup_logging
 from t2i_recap.stages import Stage, StageRunner
 
 log = get_logger(__name__)
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @dataclasses.dataclass
@@ -55,8 +54,10 @@ class DemoConfig:
     train_lr: float = 2e-3
     """The DiT's learning rate (batch 32 x 2,000 steps, p = 0 on session 3's recaptions: 2e-3 reached 0.459
     recaptioned-prompt alignment, 1e-3 0.415)."""
-    train_config: str = str(REPO_CONFIGS / "train" / "shapes_tiny.yaml")
-    finetune_config: str = str(REPO_CONFIGS / "caption" / "finetune_shapes_demo.yaml")
+    train_config: str = "shapes_tiny"
+    """Training recipe: a shipped recipe's name (configs/train/) or a YAML path."""
+    finetune_config: str = "finetune_shapes_demo"
+    """Captioner fine-tuning recipe: a shipped recipe's name (configs/caption/) or a YAML path."""
     finetune_overrides: list[str] = dataclasses.field(default_factory=list)
     caption_batch_size: int = 256
     caption_max_new_tokens: int = 96
@@ -205,7 +206,9 @@ class Demo:
         """The demo's training YAML: the shapes recipe with this run's paths filled in."""
         from t2i_recap.train_config import TrainConfig
 
-        data = load_yaml(self.cfg.train_config)
+        from t2i_recap.config_registry import resolve_config
+
+        data = load_yaml(resolve_config(self.cfg.train_config, "train"))
         data.setdefault("data", {}).update(shards=str(self.web), recaption_dir=str(self.recaptions),
                                            resolution=self.cfg.resolution)
         data.setdefault("text_encoder", {})["name_or_path"] = str(self._text_encoder_dir())

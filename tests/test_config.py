@@ -109,3 +109,49 @@ def test_yaml_bare_no_reads_as_the_literal_word():
     assert cfg.trainer.mixed_precision == "no"
     with pytest.raises(ConfigError, match="mixed_precision"):
         load_config(TrainConfig, None, ["trainer.mixed_precision=yes"])  # True: no such word allowed
+
+
+def test_shipped_recipe_by_name_and_by_path(tmp_path, monkeypatch):
+    from t2i_recap.config_registry import resolve_config
+    from t2i_recap.train_config import TrainConfig
+
+    by_path = load_config(TrainConfig, REPO / "configs" / "train" / "recap_dit_b4_clip.yaml")
+    monkeypatch.chdir(tmp_path)  # an empty folder: no configs/ beside it
+    assert load_config(TrainConfig, "recap_dit_b4_clip") == by_path
+    # the README's relative paths still name the shipped recipe from any folder
+    assert load_config(TrainConfig, "configs/train/recap_dit_b4_clip.yaml") == by_path
+    assert resolve_config("recap_dit_b4_clip").read_bytes() == (REPO / "configs/train/recap_dit_b4_clip.yaml").read_bytes()
+
+
+def test_ambiguous_name_is_resolved_by_the_commands_kind_or_refused(tmp_path, monkeypatch):
+    from t2i_recap.config_registry import resolve_config
+    from t2i_recap.train_config import TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config("shapes_tiny", "train").parent.name == "train"
+    assert resolve_config("shapes_tiny", "caption").parent.name == "caption"
+    assert load_config(TrainConfig, "shapes_tiny") == load_config(TrainConfig, REPO / "configs/train/shapes_tiny.yaml")
+    with pytest.raises(ConfigError, match="ambiguous.*configs/train/shapes_tiny.yaml.*configs/caption/shapes_tiny.yaml"):
+        resolve_config("shapes_tiny")
+
+
+def test_unknown_name_lists_the_recipes(tmp_path, monkeypatch):
+    from t2i_recap.train_config import TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"--config recap_dit_b4_clp: .*available: .*train/recap_dit_b4_clip"):
+        load_config(TrainConfig, "recap_dit_b4_clp")
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config(TrainConfig, "configs/train/nope.yaml")
+
+
+def test_an_existing_path_wins_over_a_recipe_name(tmp_path, monkeypatch):
+    from t2i_recap.train_config import TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recap_dit_b4_clip").write_text("trainer:\n  max_steps: 7\n")  # a file named like a recipe
+    assert load_config(TrainConfig, "recap_dit_b4_clip").trainer.max_steps == 7
+    local = tmp_path / "configs" / "train"
+    local.mkdir(parents=True)
+    (local / "recap_dit_b4_clip.yaml").write_text("trainer:\n  max_steps: 9\n")
+    assert load_config(TrainConfig, "configs/train/recap_dit_b4_clip.yaml").trainer.max_steps == 9

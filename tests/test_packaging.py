@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -78,3 +80,91 @@ def test_every_command_module_has_main():
             continue
         assert callable(getattr(mod, "main", None)), f"{module} has no main(argv)"
     assert not missing, missing
+
+
+def test_recipes_are_in_the_wheel(wheel_names):
+    """configs/ ships as t2i_recap/configs/, so `--config NAME` works after pip install."""
+    recipes = sorted(p.relative_to(REPO / "configs").as_posix() for p in (REPO / "configs").rglob("*.yaml"))
+    assert "train/recap_dit_b4_clip.yaml" in recipes
+    missing = [r for r in recipes if f"t2i_recap/configs/{r}" not in wheel_names]
+    assert not missing, f"recipes not packaged: {missing} (pyproject.toml package-data)"
+
+
+@pytest.mark.slow
+def test_wheel_in_a_fresh_venv_runs_the_quick_demo(tmp_path):
+    """Build the wheel, install it (and torch's CPU build) into a venv that cannot see this checkout or
+    its editable install, and run `t2i-recap demo --quick` from an empty folder."""
+    import time
+
+    start = time.monotonic()
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(dist)], check=True, cwd=tmp_path)
+    (wheel,) = dist.glob("t2i_recap-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)  # no --system-site-packages
+    py = venv / "bin" / "python"
+    pip = [str(py), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "torch==2.13.0"], check=True)
+    subprocess.run([*pip, str(wheel)], check=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    where = subprocess.run([str(py), "-c", "import t2i_recap; print(t2i_recap.__file__)"], cwd=empty, env=env,
+                           capture_output=True, text=True, check=True).stdout
+    assert str(venv) in where and str(REPO) not in where, where  # the wheel, not this checkout
+    run = subprocess.run([str(venv / "bin" / "t2i-recap"), "demo", "--quick", "--out", "X"], cwd=empty, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "Overall shapes-oracle alignment" in run.stdout, run.stdout[-2000:]  # demo.summarize's closing summary
+    report = empty / "X" / "report" / "compare.json"
+    assert report.is_file(), sorted(p.name for p in (empty / "X").iterdir())
+    assert json.loads(report.read_text())["rows"]
+    print(f"wheel build + venv + install + quick demo: {time.monotonic() - start:.0f} s")
+
+
+def _imported_modules() -> set[str]:
+    import ast
+
+    found = set()
+    for folder in ("t2i_recap", "captioner", "evaluate"):
+        for path in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    found |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    found.add(node.module.split(".")[0])
+    return found - set(sys.stdlib_module_names) - {"t2i_recap", "__future__"}
+
+
+def _declared() -> set[str]:
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs = list(project["dependencies"]) + [r for extra in project["optional-dependencies"].values() for r in extra]
+    return {re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].lower().replace("_", "-") for r in reqs}
+
+
+def test_every_imported_package_is_declared():
+    """A module the code imports comes from a distribution pyproject.toml names (core or an extra)."""
+    from importlib.metadata import packages_distributions
+
+    dists = packages_distributions()
+    declared = _declared()
+    missing = {}
+    for module in sorted(_imported_modules()):
+        names = {d.lower().replace("_", "-") for d in dists.get(module, [module])}
+        if not names & declared:
+            missing[module] = sorted(names)
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+    assert "braceexpand" in _imported_modules() and "peft" in _imported_modules()  # the scan sees real imports
+
+
+def test_a_missing_extra_is_named():
+    from t2i_recap.extras import MissingExtraError, require
+
+    assert require("yaml", extra="caption").safe_load("a: 1") == {"a": 1}
+    with pytest.raises(MissingExtraError, match=r"no_such_module_xyz is not installed \(LoRA\): pip install 't2i-recap\[caption\]'"):
+        require("no_such_module_xyz", extra="caption", why="LoRA")
