@@ -1,6 +1,6 @@
 # Set-up, tests and the main job. `make install` is idempotent and safe on a fresh machine:
 # it installs the CPU build of torch first (pinned; an unpinned torch pulls a multi-GB CUDA
-# build), then the project with its dev extras.
+# build), then the project with its dev extras (.[dev] pulls every other extra but xformers).
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.13.0

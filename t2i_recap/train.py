@@ -12,7 +12,7 @@ from t2i_recap.logging_utils import setup_logging
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="t2i-recap train", description="Train a text-to-image DiT (see configs/train/).")
-    p.add_argument("--config", required=True, help="YAML file (configs/train/*.yaml)")
+    p.add_argument("--config", required=True, help="a shipped recipe name (e.g. recap_dit_b4_clip) or a YAML path")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set mixing.p=0.2 (repeatable)")
     p.add_argument("--resume", default=None, metavar="latest|DIR",

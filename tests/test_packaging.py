@@ -121,6 +121,9 @@ def test_wheel_in_a_fresh_venv_runs_the_quick_demo(tmp_path):
     report = empty / "X" / "report" / "compare.json"
     assert report.is_file(), sorted(p.name for p in (empty / "X").iterdir())
     assert json.loads(report.read_text())["rows"]
+    # matplotlib is the [caption] extra: without it the stats stage records that the plot was not drawn
+    stats = json.loads((empty / "X" / "caption_stats" / "stats.json").read_text())
+    assert "t2i-recap[caption]" in stats["plot_skipped"]
     print(f"wheel build + venv + install + quick demo: {time.monotonic() - start:.0f} s")
 
 
