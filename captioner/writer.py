@@ -23,11 +23,9 @@ import pyarrow.parquet as pq
 from t2i_recap.identity import same_content
 from t2i_recap.io import atomic_path
 from t2i_recap.logging_utils import get_logger
+from t2i_recap.sidecar_format import FORMAT, METADATA_KEY, read_info  # noqa: F401  (the contract; read_info re-exported)
 
 log = get_logger(__name__)
-
-FORMAT = "t2i-recap-sidecar/1"
-METADATA_KEY = b"t2i_recap"
 STATUSES = ("ok", "skipped", "failed")
 
 SCHEMA = pa.schema([
@@ -108,16 +106,6 @@ def write_sidecar(path: str | Path, rows: list[Row], metadata: dict) -> None:
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
     with atomic_path(path, suffix=".tmp") as tmp:  # gives it the umask's mode: sidecars are shared data
         pq.write_table(table, tmp)
-
-
-def read_info(path: str | Path) -> dict | None:
-    """The provenance JSON of a sidecar, or None if the parquet file is not one of ours."""
-    schema = pq.read_schema(path)
-    raw = (schema.metadata or {}).get(METADATA_KEY)
-    if raw is None:
-        return None
-    info = json.loads(raw)
-    return info if info.get("format") == FORMAT else None
 
 
 def remove_stale_temps(path: str | Path) -> list[Path]:

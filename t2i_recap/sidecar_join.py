@@ -104,7 +104,7 @@ def index_rows(rows: list[dict]) -> dict[str, dict]:
 
 def verify(sidecar: Path, shard: Path, num_rows: int) -> None:
     """Raise SidecarMismatchError unless `sidecar` records `shard`'s content (or records no shard at all)."""
-    from t2i_recap.captioner.writer import read_info
+    from t2i_recap.sidecar_format import read_info
 
     info = read_info(sidecar)
     recorded = ((info or {}).get("shard") or {}).get("input")
