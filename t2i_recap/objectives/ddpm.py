@@ -2,6 +2,8 @@
 
 Training noise and timesteps come from diffusers' DDPMScheduler so the schedule is exactly the one
 the exported DPM-Solver++ scheduler integrates (same betas), which PixArt ships by default.
+With `snr_gamma`, each sample's loss is weighted by min(SNR, gamma) / SNR (Min-SNR, Hang et al. 2023,
+as diffusers' train_text_to_image.py does for epsilon prediction).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers.training_utils import compute_snr
 
 
 class DDPMEpsilon:
@@ -28,7 +31,15 @@ class DDPMEpsilon:
         noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(device=x0.device, dtype=x0.dtype)
         x_t = self.train_scheduler.add_noise(x0, noise, t)
         pred = model_fn(x_t, t, **cond)[:, : x0.shape[1]]
-        return F.mse_loss(pred.float(), noise.float())
+        if self.cfg.snr_gamma is None:
+            return F.mse_loss(pred.float(), noise.float())
+        per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=list(range(1, x0.ndim)))
+        return (per_sample * self.loss_weights(t)).mean()
+
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma weights min(SNR(t), gamma) / SNR(t) for epsilon prediction."""
+        snr = compute_snr(self.train_scheduler, t)
+        return torch.clamp(snr, max=self.cfg.snr_gamma) / snr
 
     def scheduler(self) -> DPMSolverMultistepScheduler:
         """The inference scheduler written into exported pipelines (PixArt's default solver)."""

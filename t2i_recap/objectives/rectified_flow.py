@@ -1,9 +1,11 @@
-"""Rectified flow with logit-normal timesteps (Esser et al. 2024, SD3; minRF's loss()/sample()).
+"""Rectified flow with logit-normal (or mode, or uniform) timesteps (Esser et al. 2024, SD3; minRF's loss()/sample()).
 
 x_t = (1 - t) x_0 + t noise, the model predicts the velocity v = noise - x_0, and the network sees
 t on the 0-1000 scale PixArt's timestep embedding expects. Exported with diffusers'
 DPMSolverMultistepScheduler in flow mode (as Sana ships), because PixArtAlphaPipeline needs a
 scheduler with `init_noise_sigma` and `scale_model_input`, which FlowMatchEulerDiscreteScheduler lacks.
+The timestep shift (SD3 section 5.3.2) is the same map as that scheduler's `flow_shift`, so training
+and generation see the same noise levels.
 """
 
 from __future__ import annotations
@@ -11,6 +13,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers import DPMSolverMultistepScheduler
+from diffusers.training_utils import compute_density_for_timestep_sampling
+
+
+def shift_t(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's timestep shift, t' = shift*t / (1 + (shift-1)*t), as diffusers' flow schedulers apply it."""
+    return shift * t / (1 + (shift - 1) * t)
 
 
 class RectifiedFlow:
@@ -20,9 +28,12 @@ class RectifiedFlow:
         self.cfg = cfg
 
     def sample_t(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """Logit-normal timesteps in (0, 1): more weight on the middle, where learning is hardest."""
-        z = torch.randn(n, generator=generator, device=generator.device) * self.cfg.logit_std + self.cfg.logit_mean
-        return torch.sigmoid(z)
+        """Timesteps in (0, 1) from the configured density (logit-normal by default: more weight on the
+        middle, where learning is hardest), then shifted."""
+        c = self.cfg
+        u = compute_density_for_timestep_sampling(c.weighting_scheme, n, logit_mean=c.logit_mean, logit_std=c.logit_std,
+                                                  mode_scale=c.mode_scale, device=generator.device, generator=generator)
+        return shift_t(u, c.shift) if c.shift != 1.0 else u
 
     def loss(self, model_fn, x0: torch.Tensor, generator: torch.Generator, **cond) -> torch.Tensor:
         """Mean-squared velocity error; `model_fn(x_t, timestep, **cond)` returns the prediction."""
@@ -40,7 +51,7 @@ class RectifiedFlow:
             num_train_timesteps=1000,
             prediction_type="flow_prediction",
             use_flow_sigmas=True,
-            flow_shift=1.0,
+            flow_shift=self.cfg.shift,
             solver_order=2,
             final_sigmas_type="zero",
         )
@@ -51,7 +62,7 @@ class RectifiedFlow:
         """Plain Euler integration from t=1 (noise) to t=0, with classifier-free guidance when
         `uncond` is given; a scheduler-free reference for tests and quick looks."""
         x = noise
-        ts = torch.linspace(1.0, 0.0, num_steps + 1)
+        ts = shift_t(torch.linspace(1.0, 0.0, num_steps + 1), self.cfg.shift)
         for t, t_next in zip(ts[:-1], ts[1:]):
             tt = torch.full((x.shape[0],), float(t) * 1000.0, device=x.device)
             v = model_fn(x, tt, **(cond or {}))[:, : x.shape[1]]
