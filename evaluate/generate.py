@@ -112,7 +112,8 @@ def truncated_prompts(pipe, prompts: list[str | None], max_sequence_length: int)
     texts = [p for p in prompts if p]
     if not texts or getattr(pipe, "tokenizer", None) is None:
         return 0
-    return sum(len(ids) > max_sequence_length for ids in pipe.tokenizer(texts, truncation=False, verbose=False)["input_ids"])
+    ids = pipe.tokenizer(texts, truncation=False, verbose=False)["input_ids"]  # verbose: we count, not warn
+    return sum(len(row) > max_sequence_length for row in ids)
 
 
 def _told_tokenizer(pipe) -> None:
@@ -165,9 +166,8 @@ def generate_variant(pipe, out_dir: Path, variant: str, prompts: list[str | None
     with tqdm(total=len(todo), desc=f"generate {variant}", unit="img") as bar, _quiet_diffusers():
         for start in range(0, len(todo), s.batch_size):
             batch = todo[start:start + s.batch_size]
-            generated = generate(pipe, [prompts[i] for i, _ in batch],
-                                 [image_seed(s.seed, i, k, s.images_per_prompt) for i, k in batch], s)
             seeds = [image_seed(s.seed, i, k, s.images_per_prompt) for i, k in batch]
+            generated = generate(pipe, [prompts[i] for i, _ in batch], seeds, s)
             for (i, k), seed, img in zip(batch, seeds, generated, strict=True):
                 with atomic_path(image_path(out_dir, variant, i, k), suffix=".png") as tmp:
                     img.save(tmp, format="PNG")
