@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from t2i_recap.config_registry import RecipeError, kind_of, resolve_config
+
 T = TypeVar("T")
 
 
@@ -173,9 +175,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     `config_registry.resolve_config` in the folder of `cls`'s kind."""
     data: dict = {}
     if path is not None:
-        from t2i_recap.config_registry import kind_of, resolve_config
-
-        path = resolve_config(path, kind_of(cls))
+        try:
+            path = resolve_config(path, kind_of(cls))
+        except RecipeError as exc:
+            raise ConfigError(str(exc)) from None
         data = load_yaml(path)
         from_dict(cls, data, str(path))  # errors name the file before --set mixes in
     for text in overrides or []:

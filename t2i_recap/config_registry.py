@@ -17,10 +17,13 @@ import importlib
 import importlib.resources
 from pathlib import Path
 
-from t2i_recap.config import ConfigError
 from t2i_recap.logging_utils import get_logger
 
 log = get_logger(__name__)
+
+
+class RecipeError(ValueError):
+    """A --config names no file and no shipped recipe, or a name that several recipes share."""
 
 # folder -> (file-name prefix -> "module:Class"); the longest matching prefix wins, "" is the default.
 REGISTRY: dict[str, dict[str, str]] = {
@@ -29,6 +32,7 @@ REGISTRY: dict[str, dict[str, str]] = {
                 "finetune": "t2i_recap.captioner.finetune:FinetuneConfig"},
     "eval": {"": "t2i_recap.evaluate.run:EvalConfig"},
     "assets": {"": "t2i_recap.shapes.assets:AssetsConfig"},
+    "clip": {"": "t2i_recap.clip.config:ClipTrainConfig"},
 }
 SUFFIXES = (".yaml", ".yml")
 
@@ -56,7 +60,7 @@ def shipped_root() -> Path:
     root = importlib.resources.files("t2i_recap.configs")
     path = Path(str(root))
     if not path.is_dir():  # a zipped install has no folder to hand to the YAML reader
-        raise ConfigError(f"the shipped configs are not a folder on disk ({root}); install t2i-recap unzipped")
+        raise RecipeError(f"the shipped configs are not a folder on disk ({root}); install t2i-recap unzipped")
     return path
 
 
@@ -82,10 +86,10 @@ def _by_name(name: str, kind: str | None) -> Path:
         found = [p for p in found if p.parent.name == kind] or found
     if not found:
         names = ", ".join(f"{p.parent.name}/{n}" for n, ps in sorted(recipes.items()) for p in ps)
-        raise ConfigError(f"--config {name}: no such file and no shipped recipe of that name (available: {names})")
+        raise RecipeError(f"--config {name}: no such file and no shipped recipe of that name (available: {names})")
     if len(found) > 1:
         listed = ", ".join(f"configs/{p.parent.name}/{p.name}" for p in found)
-        raise ConfigError(f"--config {name}: ambiguous recipe name, candidates: {listed}; pass one of these paths")
+        raise RecipeError(f"--config {name}: ambiguous recipe name, candidates: {listed}; pass one of these paths")
     if kind is not None and found[0].parent.name != kind:
         log.warning("--config %s: the shipped recipe is a %s config, not %s", name, found[0].parent.name, kind)
     return found[0]
@@ -111,4 +115,4 @@ def resolve_config(text: str | Path, kind: str | None = None) -> Path:
     if shipped is not None:
         log.info("--config %s: not in %s; reading the recipe shipped with t2i-recap (%s)", text, Path.cwd(), shipped)
         return shipped
-    raise ConfigError(f"{path}: config file not found")
+    raise RecipeError(f"{path}: config file not found")

@@ -124,14 +124,14 @@ def test_shipped_recipe_by_name_and_by_path(tmp_path, monkeypatch):
 
 
 def test_ambiguous_name_is_resolved_by_the_commands_kind_or_refused(tmp_path, monkeypatch):
-    from t2i_recap.config_registry import resolve_config
+    from t2i_recap.config_registry import RecipeError, resolve_config
     from t2i_recap.train_config import TrainConfig
 
     monkeypatch.chdir(tmp_path)
     assert resolve_config("shapes_tiny", "train").parent.name == "train"
     assert resolve_config("shapes_tiny", "caption").parent.name == "caption"
     assert load_config(TrainConfig, "shapes_tiny") == load_config(TrainConfig, REPO / "configs/train/shapes_tiny.yaml")
-    with pytest.raises(ConfigError, match="ambiguous.*configs/train/shapes_tiny.yaml.*configs/caption/shapes_tiny.yaml"):
+    with pytest.raises(RecipeError, match="ambiguous.*configs/train/shapes_tiny.yaml.*configs/caption/shapes_tiny.yaml"):
         resolve_config("shapes_tiny")
 
 
