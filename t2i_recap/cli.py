@@ -17,6 +17,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("prepare",): ("t2i_recap.prepare", "build the feature cache (VAE latents + text embeddings)"),
     ("train",): ("t2i_recap.train", "train a DiT (also: accelerate launch -m t2i_recap.train)"),
     ("export",): ("t2i_recap.export", "export a run to a diffusers pipeline folder"),
+    ("lora", "train"): ("t2i_recap.lora", "train LoRA adapters (peft) on an exported pipeline's DiT"),
     ("eval", "run"): ("t2i_recap.evaluate.run", "generate and score a prompt suite"),
     ("eval", "compare"): ("t2i_recap.evaluate.compare", "compare evaluation runs in one table"),
     ("demo",): ("t2i_recap.demo", "the paper's finding end to end on the shapes world"),
