@@ -93,8 +93,11 @@ class Checkpointer:
         found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := _STEP_RE.match(p.name))]
         return sorted((s, p) for s, p in found if (p / "state.json").is_file())
 
-    def resolve(self, which: str) -> Path:
-        """"latest" or a checkpoint folder path."""
+    def resolve(self, which: str) -> Path | None:
+        """"latest" (the newest; one must exist), "auto" (the newest, or None: start fresh) or a checkpoint folder."""
+        if which == "auto":
+            found = self.all()
+            return found[-1][1] if found else None
         if which == "latest":
             found = self.all()
             if not found:
@@ -144,3 +147,58 @@ class Checkpointer:
         return {"model": load_file(str(path / "model.safetensors")),
                 "ema": load_file(str(ema_file)) if ema_file.is_file() else None,
                 "optimizer": opt, "state": state}
+
+
+# Config keys (dotted, or a whole section) whose change keeps a resumed run exact: they steer how long,
+# how often and where things are logged or saved, not what is trained. Every other key breaks exact
+# resumption (model, objective, optimizer, batch sizes, data, features, mixing, seed, ...): a safe
+# default, so a new config field is refused until it is known to be harmless.
+HARMLESS_CHANGES = ("trainer.max_steps", "trainer.log_every", "trainer.run_dir", "trainer.on_nonfinite_loss",
+                    "trainer.allow_tf32", "validation", "checkpoint", "data.num_workers")
+
+
+class ResumeConfigError(ValueError):
+    """The config to resume with differs from the checkpoint's in keys that break exact resumption."""
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _matches(key: str, patterns) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in patterns)
+
+
+def config_changes(saved: dict, new: dict) -> dict[str, tuple]:
+    """Dotted key -> (saved value, new value) for every key whose value differs (or exists on one side only)."""
+    a, b = _flatten(saved), _flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def check_resume_config(saved: dict | None, new: dict, allow: bool | list[str] | None = None) -> dict[str, tuple]:
+    """Compare the checkpoint's resolved config with the new one before resuming.
+
+    Changes to keys in HARMLESS_CHANGES (a whitelist by section or field) are allowed and returned;
+    any other change raises ResumeConfigError naming the keys, unless `allow` is True (every change)
+    or lists them (a key or a whole section). Returns all changes, for the log.
+    """
+    if saved is None:
+        raise ResumeConfigError("the checkpoint holds no resolved config, so the resume cannot be checked; "
+                                "pass --resume-allow-changes to resume anyway")
+    changes = config_changes(saved, new)
+    allowed = list(HARMLESS_CHANGES) + (list(allow) if isinstance(allow, (list, tuple)) else [])
+    breaking = [k for k in changes if not _matches(k, allowed)]
+    if breaking and allow is not True:
+        detail = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in breaking)
+        raise ResumeConfigError(
+            f"--resume: the config differs from the checkpoint's in keys that break exact resumption: {detail}. "
+            f"Restore them, or pass --resume-allow-changes {','.join(breaking)} (or --resume-allow-changes all) "
+            "to resume anyway")
+    return changes

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Literal
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 from t2i_recap import cache as feature_cache
 from t2i_recap import fsdp
-from t2i_recap.checkpoint import Checkpointer, rng_state, set_rng_state
+from t2i_recap.checkpoint import Checkpointer, check_resume_config, rng_state, set_rng_state
 from t2i_recap.config import save_config, to_dict
 from t2i_recap.data import build_source, make_loader
 from t2i_recap.ema import EMA
@@ -109,6 +110,48 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; raised before the optimizer applies it."""
 
 
+PREEMPTED_EXIT_CODE = 75
+"""Exit status of a run stopped by SIGTERM/SIGINT after saving a checkpoint (EX_TEMPFAIL: retry later)."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM or SIGINT arrived; every process saved the checkpoint of the step it stopped at."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved, "
+                         "continue with --resume auto")
+        self.step, self.signum = step, signum
+
+
+class StopFlag:
+    """Records SIGTERM/SIGINT instead of dying; the loop stops at the next step boundary.
+
+    Installed for the training loop only (previous handlers are restored after). The flag travels in
+    the tensor every step already all-reduces, so all processes stop after the same step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if not self.signum:
+            log.warning("%s received: saving a checkpoint at the end of this step, then exiting",
+                        signal.Signals(signum).name)
+        self.signum = signum
+
+    def __enter__(self) -> "StopFlag":
+        for sig in self.SIGNALS:
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
 def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The random stream of one micro-step, a function of (seed, rank, step, micro) alone, so a
     resumed run draws what the uninterrupted one drew. A CUDA device gets its own stream (word 1)."""
@@ -119,8 +162,10 @@ def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.de
 
 
 class Trainer:
-    def __init__(self, cfg, resume: str | None = None) -> None:
+    def __init__(self, cfg, resume: str | None = None, allow_changes: bool | list[str] | None = None) -> None:
         self.cfg = cfg
+        self.allow_changes = allow_changes
+        self.stop = StopFlag()
         t = cfg.trainer
         self.acc = Accelerator(mixed_precision=t.mixed_precision, cpu=_cpu_processes(),
                                gradient_accumulation_steps=t.accumulation(_world_size()))
@@ -130,8 +175,16 @@ class Trainer:
         self.run_dir = Path(t.run_dir)
         self.ckpt = Checkpointer(self.run_dir, cfg.checkpoint)
         if resume is None and self.ckpt.all():
-            raise FileExistsError(f"{self.run_dir} already holds checkpoints: pass --resume latest, or pick "
-                                  "another trainer.run_dir")
+            raise FileExistsError(f"{self.run_dir} already holds checkpoints: pass --resume latest (or auto), or "
+                                  "pick another trainer.run_dir")
+        resume_from = self.ckpt.resolve(resume) if resume is not None else None
+        if resume_from is not None:  # checked before any model is built: a refused resume costs nothing
+            saved = json.loads((resume_from / "state.json").read_text()).get("config")
+            changes = check_resume_config(saved, json.loads(json.dumps(to_dict(cfg))), allow_changes)
+            for key, (old, new) in changes.items():
+                log.warning("resume: %s changed from %r to %r", key, old, new)
+        elif resume == "auto":
+            log.info("--resume auto: no checkpoint in %s; starting fresh", self.ckpt.dir)
         torch.manual_seed(t.seed + self.rank)
         self.encoder = feature_cache.FeatureEncoder(cfg.features, cfg.text_encoder, self.acc.device)
         self.source, self.empty = self._data()
@@ -152,12 +205,12 @@ class Trainer:
         self.model, self.opt = self.acc.prepare(model, self.opt)
         if fsdp.is_sharded(self._bare()):
             log.info("FSDP2: the model's parameters are DTensor shards over %d process(es)", self.world)
-        self.ema = EMA(self._bare(), cfg.ema.decay) if cfg.ema.enabled else None
+        self.ema = EMA(self._bare(), cfg.ema) if cfg.ema.enabled else None
         self.step, self.cursor, self.samples, self.counts = 0, (0, 0), 0, MixCounts()
         self.truncated = {"original": 0, "recaption": 0, "chosen": 0}
-        self.nonfinite_skipped = 0
-        if resume is not None:
-            self._restore(self.ckpt.resolve(resume))
+        self.nonfinite_skipped, self.stop_signum = 0, 0
+        if resume_from is not None:
+            self._restore(resume_from)
         self.writer = None
         if self.acc.is_main_process:
             from torch.utils.tensorboard import SummaryWriter
@@ -196,7 +249,7 @@ class Trainer:
         if self.ema is not None:
             if ck["ema"] is None:
                 log.warning("checkpoint %s has no EMA; starting the EMA from the restored weights", path)
-                self.ema = EMA(model, self.cfg.ema.decay)
+                self.ema = EMA(model, self.cfg.ema)
             else:
                 self.ema.load_state_dict(ck["ema"])
         self.step, self.samples = state["step"], state["samples"]
@@ -272,10 +325,12 @@ class Trainer:
                 self.truncated[k] += v
                 self.truncated["chosen"] += v
         if self.ema is not None and finite:
-            self.ema.update(self._bare())
+            self.ema.update(self._bare(), self.step + 1)
         self.step += 1
         loss = self.acc.reduce(torch.stack(losses).mean(), reduction="mean")
-        global_n = int(self.acc.reduce(torch.tensor(n, device=self.acc.device), reduction="sum"))
+        # One reduce carries the sample count and the stop flag, so every process sees any one's signal.
+        reduced = self.acc.reduce(torch.tensor([n, self.stop.signum], device=self.acc.device), reduction="sum")
+        global_n, self.stop_signum = int(reduced[0]), int(reduced[1])
         self.samples += global_n
         return {"loss": float(loss), "lr": self.lr(self.step - 1), "grad_norm": grad_norm,
                 "img_per_s": global_n / (time.perf_counter() - t0)}
@@ -373,7 +428,7 @@ class Trainer:
             self.writer.add_scalar(k if "/" in k else f"train/{k}", v, self.step)
 
     def fit(self) -> dict:
-        t, v = self.cfg.trainer, self.cfg.validation
+        t = self.cfg.trainer
         loader = make_loader(self.source, batch_size=t.micro_batch_size, seed=t.seed, rank=self.rank, world=self.world,
                              buffer=self.cfg.data.shuffle_buffer, num_workers=self.cfg.data.num_workers,
                              start=self.cursor, random_flip=self.cfg.data.random_flip)
@@ -381,18 +436,34 @@ class Trainer:
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step",
                    disable=not self.acc.is_local_main_process, dynamic_ncols=True)
         metrics: dict = {}
-        while self.step < t.max_steps:
-            metrics = self.train_step(batches)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.0f}")
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
-                self.log(metrics)
-            if self.step % self.cfg.checkpoint.every_steps == 0 or self.step == t.max_steps:
-                self.save()
-            if v.every_steps >= 0 and ((v.every_steps and self.step % v.every_steps == 0) or self.step == t.max_steps):
-                self.validate()
+        with self.stop:
+            while self.step < t.max_steps:
+                metrics = self.train_step(batches)
+                if self.stop_signum:
+                    self._preempt(bar)
+                self._after_step(metrics, bar)
         bar.close()
         return self._finish(metrics)
+
+    def _preempt(self, bar) -> None:
+        """A signal reached some process: all save this step's checkpoint together, then stop."""
+        bar.close()
+        self.save()  # a collective: every process reached this same step (the flag was all-reduced)
+        if self.writer is not None:
+            self.writer.close()
+        # The summed flag is a signal number only when one process got it; name what this one got.
+        raise Preempted(self.step, self.stop.signum or signal.SIGTERM)
+
+    def _after_step(self, metrics: dict, bar) -> None:
+        t, v = self.cfg.trainer, self.cfg.validation
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.0f}")
+        if self.step % t.log_every == 0 or self.step == t.max_steps:
+            self.log(metrics)
+        if self.step % self.cfg.checkpoint.every_steps == 0 or self.step == t.max_steps:
+            self.save()
+        if v.every_steps >= 0 and ((v.every_steps and self.step % v.every_steps == 0) or self.step == t.max_steps):
+            self.validate()
 
     def _finish(self, metrics: dict) -> dict:
         summary = {"step": self.step, "samples": self.samples, "last": metrics,
@@ -424,5 +495,5 @@ def _cpu_processes() -> bool:
     return use_cpu or not torch.cuda.is_available()
 
 
-def train(cfg, resume: str | None = None) -> dict:
-    return Trainer(cfg, resume).fit()
+def train(cfg, resume: str | None = None, allow_changes: bool | list[str] | None = None) -> dict:
+    return Trainer(cfg, resume, allow_changes).fit()
