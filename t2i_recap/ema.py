@@ -21,23 +21,51 @@ class EMAConfig:
     enabled: bool = True
     """Keep an EMA of the weights; validation and export use it when present."""
     decay: float = 0.9999
-    """Per-step decay (DiT uses 0.9999; short runs need less, e.g. 0.99)."""
+    """Largest per-step decay (DiT uses 0.9999)."""
+    warmup: bool = True
+    """Ramp the decay up as diffusers' EMAModel(use_ema_warmup=True) does, so a short run does not
+    export weights that barely moved from initialisation: decay_t = min(decay, 1 - (1 + t/inv_gamma)^-power)."""
+    inv_gamma: float = 1.0
+    """Warm-up time scale in optimizer steps (diffusers' default)."""
+    power: float = 2 / 3
+    """Warm-up exponent (diffusers: 2/3 for long runs, 3/4 for short ones)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.decay < 1.0:
-            raise ValueError(f"decay must be in (0, 1), got {self.decay}")
+            raise ValueError(f"ema.decay must be in (0, 1), got {self.decay}")
+        if self.inv_gamma <= 0 or self.power <= 0:
+            raise ValueError(f"ema.inv_gamma and ema.power must be > 0, got {self.inv_gamma}, {self.power}")
+
+    def decay_at(self, step: int) -> float:
+        """The decay applied by the update that finishes optimizer step `step` (1-based)."""
+        if not self.warmup:
+            return self.decay
+        # diffusers.training_utils.EMAModel.get_decay counts steps from 0 (step - update_after_step - 1).
+        value = 1.0 - (1.0 + (step - 1) / self.inv_gamma) ** -self.power
+        return max(0.0, min(self.decay, value))
 
 
 class EMA:
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        self.decay = decay
+    def __init__(self, model: torch.nn.Module, decay: float | EMAConfig) -> None:
+        # A bare float keeps the constant decay of earlier versions (no warm-up).
+        self.cfg = decay if isinstance(decay, EMAConfig) else EMAConfig(decay=decay, warmup=False)
         self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
+    @property
+    def decay(self) -> float:
+        return self.cfg.decay
+
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self, model: torch.nn.Module, step: int | None = None) -> None:
+        """Blend in the live weights after optimizer step `step` (1-based).
+
+        The warm-up reads the trainer's step, which the checkpoint already keeps, so a resumed run
+        continues the same decay schedule; without `step` the decay is the constant maximum.
+        """
+        decay = self.cfg.decay if step is None else self.cfg.decay_at(step)
         for name, p in model.named_parameters():
             if name in self.shadow:
-                self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
+                self.shadow[name].lerp_(p.detach().float(), 1.0 - decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full tensors (a DTensor shard is gathered to the CPU, one at a time)."""

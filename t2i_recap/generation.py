@@ -52,9 +52,10 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], *, num_inference
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch_size):
         chunk_p, chunk_s = prompts[start:start + batch_size], seeds[start:start + batch_size]
+        embeds = _prompt_embeds(pipe, chunk_p, guidance_scale > 1.0, max_sequence_length)
         try:
             out = pipe(
-                prompt=chunk_p,
+                **embeds,
                 generator=[torch.Generator("cpu").manual_seed(int(s)) for s in chunk_s],
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
@@ -63,7 +64,7 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], *, num_inference
                 max_sequence_length=max_sequence_length,
                 use_resolution_binning=False,  # binning resizes to PixArt's aspect-ratio buckets; we train square
                 clean_caption=False,           # keep prompts verbatim (and need neither bs4 nor ftfy)
-                output_type="pil",
+                output_type="latent",
             )
         except IndexError as exc:
             if num_inference_steps != 1:
@@ -72,8 +73,37 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], *, num_inference
             # scheduler output that most schedulers (DDPM, DPM-Solver, flow matching) do not return.
             raise ValueError(f"num_inference_steps=1 is not supported by {type(pipe.scheduler).__name__}; "
                              "use 2 or more") from exc
-        images.extend(out.images)
+        images.extend(_decode(pipe, out.images))
     return images
+
+
+def _prompt_embeds(pipe, prompts: list[str], guidance: bool, max_sequence_length: int) -> dict:
+    """Prompt embeddings in the transformer's dtype.
+
+    PixArtAlphaPipeline keeps the text encoder's dtype for the embeddings and the initial latents, so
+    a bf16 text encoder beside an fp32 transformer fails in its first Linear; diffusers' SD3 and Flux
+    pipelines cast the embeddings to the transformer's dtype, as done here.
+    """
+    dtype = pipe.transformer.dtype
+    pe, pm, ne, nm = pipe.encode_prompt(prompts, do_classifier_free_guidance=guidance, device=pipe._execution_device,
+                                        clean_caption=False, max_sequence_length=max_sequence_length)
+    out = {"prompt": None, "negative_prompt": None, "prompt_embeds": pe.to(dtype), "prompt_attention_mask": pm}
+    if guidance:
+        out.update(negative_prompt_embeds=ne.to(dtype), negative_prompt_attention_mask=nm)
+    return out
+
+
+@torch.no_grad()
+def _decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    """Latents to PIL images through the VAE in its own dtype.
+
+    PixArtAlphaPipeline decodes latents in the transformer's dtype; a bf16 VAE beside an fp32
+    transformer then fails ("Input type (float) and bias type (c10::BFloat16)"). diffusers' SDXL and
+    Flux pipelines cast to vae.dtype before decoding, as done here.
+    """
+    vae = pipe.vae
+    pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
 
 
 def load_pipeline(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
