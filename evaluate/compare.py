@@ -18,6 +18,7 @@ from pathlib import Path
 from t2i_recap.io import atomic_write_text
 from t2i_recap.logging_utils import setup_logging
 
+from . import retrieval
 from .report import LABELS, fmt_metric, md_cell, versions
 from .stats import mean_ci
 
@@ -185,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labels", help="comma-separated row names, one per run (default: p from the export, else the folder name)")
     ap.add_argument("--allow-different-suites", action="store_true")
     args = ap.parse_args(argv)
+    if any(retrieval.is_retrieval_report(r) for r in args.runs):  # CLIP runs: their own table
+        return retrieval.compare_main(args.runs, args.labels.split(",") if args.labels else None, Path(args.out))
     try:
         result = compare(args.runs, args.labels.split(",") if args.labels else None, args.allow_different_suites)
     except (FileNotFoundError, ValueError) as exc:
