@@ -432,11 +432,13 @@ class Trainer:
         loader = make_loader(self.source, batch_size=t.micro_batch_size, seed=t.seed, rank=self.rank, world=self.world,
                              buffer=self.cfg.data.shuffle_buffer, num_workers=self.cfg.data.num_workers,
                              start=self.cursor, random_flip=self.cfg.data.random_flip)
-        batches = iter(loader)
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step",
                    disable=not self.acc.is_local_main_process, dynamic_ncols=True)
         metrics: dict = {}
+        # Installed before the data workers fork: SLURM signals every process of the job, and a worker
+        # that died of it would kill the step; the workers inherit the handler and stop with the loader.
         with self.stop:
+            batches = iter(loader)
             while self.step < t.max_steps:
                 metrics = self.train_step(batches)
                 if self.stop_signum:
