@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from t2i_recap.io import normalize_modes
 from t2i_recap.logging_utils import get_logger
 
 log = get_logger(__name__)
@@ -126,6 +127,7 @@ class Checkpointer:
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        normalize_modes(tmp)  # safetensors writes 0600; checkpoints get the mode of every other output
         if final.exists():  # the same step saved again (e.g. a rerun): the new one wins
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -209,6 +209,7 @@ class Trainer:
         self.step, self.cursor, self.samples, self.counts = 0, (0, 0), 0, MixCounts()
         self.truncated = {"original": 0, "recaption": 0, "chosen": 0}
         self.nonfinite_skipped, self.stop_signum = 0, 0
+        self.validation_failures: list[dict] = []  # steps whose grid failed (reported in summary.json)
         if resume_from is not None:
             self._restore(resume_from)
         self.writer = None
@@ -380,16 +381,27 @@ class Trainer:
         its weights from all ranks, so all must take part (the images are the same on every rank).
         """
         model = self._bare()
-        if self.acc.is_main_process or fsdp.is_sharded(model):
-            images = self._generate(model)
-        if self.acc.is_main_process:
-            v = self.cfg.validation
-            grid = image_grid(images, cols=len(v.prompts))
-            out = self.run_dir / "samples" / f"step-{self.step:08d}.png"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            grid.save(out)
-            self.writer.add_image("validation", np.asarray(grid), self.step, dataformats="HWC")
+        try:
+            if self.acc.is_main_process or fsdp.is_sharded(model):
+                images = self._generate(model)
+            if self.acc.is_main_process:
+                self._save_grid(images)
+        except Exception as exc:  # a grid is a by-product: never lose the run over it
+            if fsdp.is_sharded(model):
+                raise  # the other ranks may be inside the same collective forward: stopping is the safe way
+            model.train()
+            self.validation_failures.append({"step": self.step, "error": f"{type(exc).__name__}: {exc}"})
+            log.error("validation at step %d failed (%s: %s); training goes on and the checkpoints are kept",
+                      self.step, type(exc).__name__, exc)
         self.acc.wait_for_everyone()
+
+    def _save_grid(self, images: list) -> None:
+        v = self.cfg.validation
+        grid = image_grid(images, cols=len(v.prompts))
+        out = self.run_dir / "samples" / f"step-{self.step:08d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(out)
+        self.writer.add_image("validation", np.asarray(grid), self.step, dataformats="HWC")
 
     def _generate(self, model: torch.nn.Module) -> list:
         from contextlib import nullcontext
@@ -470,7 +482,8 @@ class Trainer:
     def _finish(self, metrics: dict) -> dict:
         summary = {"step": self.step, "samples": self.samples, "last": metrics,
                    "mix_counts": dataclasses.asdict(self.counts), "truncated": self.truncated,
-                   "nonfinite_skipped": self.nonfinite_skipped, "processes": self.world, "run_dir": str(self.run_dir)}
+                   "nonfinite_skipped": self.nonfinite_skipped, "validation_failures": self.validation_failures,
+                   "processes": self.world, "run_dir": str(self.run_dir)}
         if self.acc.is_main_process:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             self.writer.close()

@@ -146,3 +146,33 @@ def test_export_generates_in_a_fresh_process(tmp_path, train_assets, train_shard
         assert got[objective]["cls"] == "PixArtAlphaPipeline"
         assert got[objective]["sizes"] == [[16, 16], [16, 16]]
         assert got[objective]["differ"] and got[objective]["repeat"]
+
+
+def test_a_failing_validation_never_loses_the_run(tmp_path, train_assets, train_shards, monkeypatch):
+    """A validation grid that raises (a bad prompt, a dtype slip, out of memory) is logged and reported;
+    training goes on to its last step and every checkpoint is written."""
+    from t2i_recap import trainer as trainer_mod
+
+    def broken(self, model):
+        raise RuntimeError("Input type (float) and bias type (c10::BFloat16) should be the same")
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_generate", broken)
+    run = tmp_path / "run"
+    cfg = _cfg(train_assets, train_shards, run, trainer={"max_steps": 4}, checkpoint={"every_steps": 2},
+               validation={"every_steps": 2})
+    summary = train(cfg)
+    assert summary["step"] == 4
+    assert [f["step"] for f in summary["validation_failures"]] == [2, 4]
+    assert "c10::BFloat16" in summary["validation_failures"][0]["error"]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000002", "step-00000004"]
+    assert json.loads((run / "summary.json").read_text())["validation_failures"] == summary["validation_failures"]
+
+
+def test_checkpoint_files_get_the_umask_mode(tmp_path, train_assets, train_shards):
+    from t2i_recap.io import file_mode
+
+    run = tmp_path / "run"
+    train(_cfg(train_assets, train_shards, run, trainer={"max_steps": 2}, checkpoint={"every_steps": 2}))
+    files = list((run / "checkpoints" / "step-00000002").iterdir())
+    assert any(f.suffix == ".safetensors" for f in files)
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: oct(file_mode()) for f in files}
