@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -82,5 +83,7 @@ def test_demo_quick_output_is_the_job_not_library_noise(tmp_path):
     found = {n: sum(n in line for line in lines) for n in NOISE}
     assert not any(found.values()), found
     assert "stage world: running" in text and "stage compare" in text and "Report:" in text
-    # 415 lines before the text tower got its own folder; the rest is stage lines, progress, summaries
-    assert len(lines) < 300, len(lines)
+    # Progress bars add lines with the machine's speed; the rest was 322 lines before the text tower
+    # got its own folder (135 of them transformers' unexpected-keys report), 163 after.
+    job = [line for line in lines if not re.search(r"[0-9]+%\|", line)]
+    assert len(job) < 250, len(job)
