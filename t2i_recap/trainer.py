@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import signal
 import time
@@ -27,14 +26,15 @@ from accelerate.utils import DistributedType, gather_object
 from tqdm.auto import tqdm
 
 from t2i_recap import cache as feature_cache
-from t2i_recap import fsdp
-from t2i_recap.checkpoint import Checkpointer, check_resume_config, rng_state, set_rng_state
+from t2i_recap import fsdp, tracking
+from t2i_recap.checkpoint import Checkpointer, ResumeConfigError, check_resume_config, rng_state, set_rng_state
 from t2i_recap.config import save_config, to_dict
 from t2i_recap.data import build_source, make_loader
 from t2i_recap.ema import EMA
 from t2i_recap.generation import generate_images, image_grid
 from t2i_recap.io import atomic_write_text
 from t2i_recap.logging_utils import get_logger
+from t2i_recap.lr_schedule import diffusers_name, lr_factor
 from t2i_recap.mixing import ORIGINAL, RECAPTION, MixCounts, choose, select, trim_padding
 from t2i_recap.models import build_model, configure_model
 from t2i_recap.objectives import build_objective
@@ -53,7 +53,11 @@ class OptimConfig:
     eps: float = 1e-8
     """AdamW epsilon."""
     warmup_steps: int = 0
-    """Linear warm-up steps, then constant (the paper: no warm-up)."""
+    """Linear warm-up from 0 over this many steps, then the schedule (the paper: no warm-up)."""
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Learning-rate schedule after warm-up, from diffusers.optimization.get_scheduler (the paper: constant)."""
+    schedule_steps: int | None = None
+    """Steps the cosine/linear decay spans (None = trainer.max_steps); set it to stop early on the same curve."""
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm (0 = off)."""
     fused: bool | None = None
@@ -68,6 +72,9 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ValueError("lr must be > 0; warmup_steps, max_grad_norm and weight_decay >= 0")
+        diffusers_name(self.schedule, self.warmup_steps)  # refuses an unknown optim.schedule
+        if self.schedule_steps is not None and self.schedule_steps < 1:
+            raise ValueError(f"optim.schedule_steps must be >= 1 (or null for trainer.max_steps), got {self.schedule_steps}")
 
 
 @dataclasses.dataclass
@@ -85,7 +92,10 @@ class TrainerConfig:
     seed: int = 0
     """Base seed; each process uses seed + rank for its own streams."""
     log_every: int = 10
-    """TensorBoard scalars every N steps."""
+    """Tracker scalars every N steps."""
+    log_with: list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])
+    """accelerate trackers by name (tensorboard, wandb, comet_ml, mlflow, aim, clearml, dvclive, ...); TensorBoard
+    writes RUN_DIR/logs; wandb follows its environment (WANDB_MODE=offline, WANDB_DIR). [] = none."""
     allow_tf32: bool = True
     """Allow TF32 matmuls on Ampere+ GPUs (3x faster fp32 at tiny precision cost)."""
     on_nonfinite_loss: Literal["stop", "skip"] = "stop"
@@ -97,6 +107,7 @@ class TrainerConfig:
             raise ValueError(f"on_nonfinite_loss must be 'stop' or 'skip', got {self.on_nonfinite_loss!r}")
         if self.max_steps < 1 or self.batch_size < 1 or self.micro_batch_size < 1 or self.log_every < 1:
             raise ValueError("max_steps, batch_size, micro_batch_size and log_every must be >= 1")
+        tracking.check_trackers(self.log_with)
 
     def accumulation(self, world: int) -> int:
         per_step = self.micro_batch_size * world
@@ -168,7 +179,10 @@ class Trainer:
         self.stop = StopFlag()
         t = cfg.trainer
         self.acc = Accelerator(mixed_precision=t.mixed_precision, cpu=_cpu_processes(),
-                               gradient_accumulation_steps=t.accumulation(_world_size()))
+                               gradient_accumulation_steps=t.accumulation(_world_size()),
+                               log_with=list(t.log_with) or None, project_dir=t.run_dir)
+        o = cfg.optim
+        self.lr_factor = lr_factor(o.schedule, o.warmup_steps, o.schedule_steps or t.max_steps)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         if t.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -181,6 +195,12 @@ class Trainer:
         if resume_from is not None:  # checked before any model is built: a refused resume costs nothing
             saved = json.loads((resume_from / "state.json").read_text()).get("config")
             changes = check_resume_config(saved, json.loads(json.dumps(to_dict(cfg))), allow_changes)
+            if "trainer.max_steps" in changes and cfg.optim.schedule != "constant" and not cfg.optim.schedule_steps \
+                    and allow_changes is not True:  # the decay spans max_steps: another one bends the curve
+                raise ResumeConfigError(
+                    f"--resume: trainer.max_steps changed ({changes['trainer.max_steps'][0]} -> {cfg.trainer.max_steps}) "
+                    f"under optim.schedule={cfg.optim.schedule}, whose decay spans max_steps; set optim.schedule_steps "
+                    "to fix the span, or pass --resume-allow-changes all")
             for key, (old, new) in changes.items():
                 log.warning("resume: %s changed from %r to %r", key, old, new)
         elif resume == "auto":
@@ -212,12 +232,9 @@ class Trainer:
         self.validation_failures: list[dict] = []  # steps whose grid failed (reported in summary.json)
         if resume_from is not None:
             self._restore(resume_from)
-        self.writer = None
         if self.acc.is_main_process:
-            from torch.utils.tensorboard import SummaryWriter
-
             save_config(cfg, self.run_dir / "config.yaml")
-            self.writer = SummaryWriter(str(self.run_dir / "logs"))
+            tracking.init_trackers(self.acc, to_dict(cfg))
 
     def _data(self):
         """The batch source (cached features or raw samples) and the empty-caption features."""
@@ -358,8 +375,8 @@ class Trainer:
         return self.acc.unwrap_model(self.model, keep_torch_compile=False)
 
     def lr(self, step: int) -> float:
-        w = self.cfg.optim.warmup_steps
-        return self.cfg.optim.lr * (min(1.0, (step + 1) / w) if w else 1.0)
+        """The lr of update `step` (0-based): a function of the step alone, so resuming needs no scheduler state."""
+        return self.cfg.optim.lr * self.lr_factor(step)
 
     def save(self) -> None:
         ranks = gather_object([{"rank": self.rank, "cursor": list(self.cursor), "rng": rng_state()}])
@@ -370,7 +387,8 @@ class Trainer:
             state = {"world_size": self.world, "ranks": sorted(ranks, key=lambda r: r["rank"]),
                      "samples": self.samples, "mix_counts": dataclasses.asdict(self.counts),
                      "truncated": self.truncated, "nonfinite_skipped": self.nonfinite_skipped,
-                     "config": json.loads(json.dumps(to_dict(self.cfg)))}
+                     "config": json.loads(json.dumps(to_dict(self.cfg))),
+                     "lr_scheduler": {"last_epoch": self.step, "lr": self.lr(self.step)}}  # LambdaLR's whole state
             self.ckpt.save(self.step, model=weights, ema=ema, optimizer=optimizer, state=state)
         self.acc.wait_for_everyone()
 
@@ -401,7 +419,7 @@ class Trainer:
         out = self.run_dir / "samples" / f"step-{self.step:08d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         grid.save(out)
-        self.writer.add_image("validation", np.asarray(grid), self.step, dataformats="HWC")
+        tracking.log_image(self.acc, "validation", grid, self.step)
 
     def _generate(self, model: torch.nn.Module) -> list:
         from contextlib import nullcontext
@@ -424,7 +442,7 @@ class Trainer:
         return images
 
     def log(self, metrics: dict) -> None:
-        if self.writer is None:
+        if not self.acc.is_main_process:
             return
         total = max(self.counts.total(), 1)
         non_empty = max(self.counts.original + self.counts.recaption, 1)
@@ -434,10 +452,7 @@ class Trainer:
                    "truncation/chosen_share": self.truncated["chosen"] / non_empty,
                    "truncation/original_share": self.truncated["original"] / max(self.counts.original, 1),
                    "truncation/recaption_share": self.truncated["recaption"] / max(self.counts.recaption, 1)}
-        for k, v in metrics.items():
-            if isinstance(v, float) and math.isnan(v):
-                continue
-            self.writer.add_scalar(k if "/" in k else f"train/{k}", v, self.step)
+        tracking.log_scalars(self.acc, metrics, self.step)
 
     def fit(self) -> dict:
         t = self.cfg.trainer
@@ -463,8 +478,7 @@ class Trainer:
         """A signal reached some process: all save this step's checkpoint together, then stop."""
         bar.close()
         self.save()  # a collective: every process reached this same step (the flag was all-reduced)
-        if self.writer is not None:
-            self.writer.close()
+        self.acc.end_training()  # closes the trackers (main process)
         # The summed flag is a signal number only when one process got it; name what this one got.
         raise Preempted(self.step, self.stop.signum or signal.SIGTERM)
 
@@ -486,7 +500,7 @@ class Trainer:
                    "processes": self.world, "run_dir": str(self.run_dir)}
         if self.acc.is_main_process:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
-            self.writer.close()
+        self.acc.end_training()
         self.acc.wait_for_everyone()
         return summary
 
