@@ -31,7 +31,7 @@ from t2i_recap.clip.model import build_model, build_processor, load_tokenizer
 from t2i_recap.config import load_config, save_config, to_dict
 from t2i_recap.data import build_source, make_loader
 from t2i_recap.io import atomic_write_text
-from t2i_recap.logging_utils import get_logger
+from t2i_recap.logging_utils import get_logger, setup_logging
 from t2i_recap.mixing import ORIGINAL, MixCounts, choose
 from t2i_recap.shapes.train_clip import save_clip
 from t2i_recap.trainer import step_generator
@@ -173,6 +173,7 @@ def train(cfg: ClipTrainConfig, resume: str | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     ap = argparse.ArgumentParser(prog="t2i-recap clip train", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="YAML recipe (e.g. configs/clip/shapes_tiny.yaml)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
