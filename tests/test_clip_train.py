@@ -116,3 +116,33 @@ def test_cli_trains(clip_shards, tmp_path):
                "--set", f"model.image_size={RES}", "--set", f"trainer.run_dir={tmp_path / 'cli'}",
                "--set", "trainer.max_steps=1", "--set", "trainer.batch_size=4"])
     assert rc == 0 and (tmp_path / "cli" / "export" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_resume_equals_straight(clip_shards, tmp_path):
+    """Two gloo CPU processes (`accelerate launch --multi_gpu`): resuming from step 2 gives step 4 exactly."""
+    import os
+    import subprocess
+    import sys
+
+    shards, sidecars = clip_shards
+
+    def launch(run_dir, *extra):
+        sets = [f"data.shards={shards}", f"data.recaption_dir={sidecars}", f"data.resolution={RES}",
+                "data.shuffle_buffer=8", f"model.image_size={RES}", "model.hidden_size=32", "model.text_hidden_size=32",
+                "model.projection_dim=32", f"trainer.run_dir={run_dir}", "trainer.batch_size=4", "trainer.max_steps=4",
+                "checkpoint.every_steps=2"]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "t2i_recap.clip.train",
+               "--config", "configs/clip/shapes_tiny.yaml", *[a for s in sets for a in ("--set", s)], *extra]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    launch(tmp_path / "straight")
+    launch(tmp_path / "resumed", "--resume", str(tmp_path / "straight" / "checkpoints" / "step-00000002"))
+    a = load_file(str(tmp_path / "straight" / "checkpoints" / "step-00000004" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "checkpoints" / "step-00000004" / "model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    state = json.loads((tmp_path / "straight" / "checkpoints" / "step-00000004" / "state.json").read_text())
+    assert state["world_size"] == 2
