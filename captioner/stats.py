@@ -155,7 +155,7 @@ def clip_scores(pairs: list[tuple[object, str, str]], clip_path: str, batch_size
     Scoring goes through the evaluation package's torchmetrics wrapper, which cuts long text in
     the tokenizer (keeping the end token CLIP pools from) instead of slicing ids as torchmetrics does.
     """
-    from t2i_recap.evaluate.metric_clip import ClipScorer
+    from t2i_recap.clip_score import ClipScorer
 
     scorer = ClipScorer(clip_path)
     limit = scorer.max_length

@@ -245,13 +245,3 @@ def summary_lines(report: dict) -> list[str]:
                  for k in metric_columns([v])]
         out.append(f"{name}: " + "; ".join(parts))
     return out
-
-
-def write_reports(report: dict, out_dir: Path) -> None:
-    from .report_html import render_report_html
-
-    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=1))
-    atomic_write_text(out_dir / "report.md", render_markdown(report))
-    atomic_write_text(out_dir / "report.html", render_report_html(report, out_dir))
-    for name in ("report.json", "report.md", "report.html"):  # atomic writes create 0600 temp files
-        (out_dir / name).chmod(0o644)

@@ -170,7 +170,8 @@ def run_eval(cfg: EvalConfig, argv: list[str] | None = None, generate=None) -> P
     from .generate import generate_variant, model_info, resolve_model
     from .imageset import scheduler_identity, set_key
     from .protocol import build_variants, cached_recaptions
-    from .report import build_report, write_reports
+    from .report import build_report
+    from .report_files import write_reports
     from .suites import load_suite, write_suite
     from t2i_recap.generation import load_pipeline
 
