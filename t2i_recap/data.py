@@ -409,4 +409,14 @@ def make_loader(source, *, batch_size: int, seed: int, rank: int, world: int, bu
     stream = BatchStream(source, batch_size=batch_size, seed=seed, rank=rank, world=world, buffer=buffer,
                          start=start, random_flip=random_flip)
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
-                                       persistent_workers=num_workers > 0)
+                                       persistent_workers=num_workers > 0, worker_init_fn=_ignore_stop_signals)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM / SIGINT to their rank: a scheduler signals the whole process
+    group before preemption, and a worker killed by it would crash the rank before the trainer
+    saves its checkpoint at the step boundary. The rank stops the workers itself when it exits."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -130,8 +130,8 @@ def test_two_processes_stop_together(tmp_path, train_assets, train_shards, targe
     run = tmp_path / "run"
     cfg = train_config_dict(train_assets, shards, run, side, trainer={"max_steps": 200, "batch_size": 4,
                             "micro_batch_size": 1}, checkpoint={"every_steps": 2, "keep": 50},
-                            # a group-wide SIGTERM still kills data-loader workers (data.py): none here
-                            data={"num_workers": 1 if target == "rank" else 0})
+                            # a loader worker too: a group-wide SIGTERM reaches it as well (SLURM signals every process)
+                            data={"num_workers": 1})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
            "--master_port", str(29600 + os.getpid() % 300), "-m", "t2i_recap.train",
            "--config", str(write_config(tmp_path / "c.yaml", cfg)), "--resume", "auto"]
