@@ -101,3 +101,5 @@ class ClipTrainConfig:
     def __post_init__(self) -> None:
         if self.mixing.cfg_dropout != 0.0:
             raise ValueError(f"mixing.cfg_dropout={self.mixing.cfg_dropout}: CLIP training has no empty caption; set 0")
+        if getattr(self.optim, "schedule", "constant") != "constant" or getattr(self.optim, "schedule_steps", None):
+            raise ValueError("optim.schedule / optim.schedule_steps are not read by CLIP training; set trainer.schedule")
