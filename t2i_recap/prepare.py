@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from t2i_recap import cache
+    from t2i_recap.caption_specs import CaptionSpecError
     from t2i_recap.data import build_source
     from t2i_recap.sidecar_join import RecaptionCoverageError, SidecarMismatchError
     from t2i_recap.train_config import TrainConfig
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = cache.prepare_cache(encoder, source, cfg.data, cfg.features.cache_dir, rank=rank, world=world,
                                       fp_hash=fp_hash, claims=claims)
-    except (SidecarMismatchError, RecaptionCoverageError, FileNotFoundError) as exc:
+    except (SidecarMismatchError, RecaptionCoverageError, CaptionSpecError, FileNotFoundError) as exc:
         print(f"t2i-recap prepare: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({"rank": rank, **summary}))

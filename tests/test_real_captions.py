@@ -121,3 +121,18 @@ def test_train_stops_with_one_error_line_when_a_spec_finds_nothing(real_shards, 
     err = capsys.readouterr().err
     assert "'json:alt_text'" in err and "'00000.tar'" in err
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_prepare_stops_with_one_error_line_when_a_spec_finds_nothing(real_shards, train_assets, tmp_path, capsys):
+    from fixtures_train import train_config_dict, write_config
+
+    from t2i_recap.prepare import main
+
+    cfg = train_config_dict(train_assets, real_shards["jpg"], tmp_path / "run")
+    cfg["data"].update(original_caption="json:alt_text", recaption="txt")
+    cfg["features"]["cache_dir"] = str(tmp_path / "cache")
+    assert main(["--config", str(write_config(tmp_path / "train.yaml", cfg))]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = next(x for x in err.splitlines() if x.startswith("t2i-recap prepare: error:"))
+    assert "'json:alt_text'" in line and "'00000.tar'" in line
