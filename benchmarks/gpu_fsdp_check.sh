@@ -20,10 +20,10 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 1
 PY="${PYTHON:-python3}"
-OUT="${FSDP_CHECK_OUT:-$(mktemp -d /tmp/fsdp-check-out.XXXXXX)}"
+OUTDIR="${FSDP_CHECK_OUT:-$(mktemp -d /tmp/fsdp-check-out.XXXXXX)}"
 WORK="${FSDP_CHECK_WORK:-$(mktemp -d /tmp/fsdp-check.XXXXXX)}"
-mkdir -p "$OUT" "$WORK"
-LOG="$OUT/fsdp_check.log"
+mkdir -p "$OUTDIR" "$WORK"
+LOG="$OUTDIR/fsdp_check.log"
 NPROC="${FSDP_CHECK_PROCESSES:-1}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ "${FSDP_CHECK_CPU:-0}" = 1 ]; then

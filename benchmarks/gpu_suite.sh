@@ -33,7 +33,7 @@ set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 1
-OUT="$ROOT/bench-out"
+OUTDIR="$ROOT/bench-out"
 PY="${PYTHON:-python3}"
 SITE="${BENCH_SITE:-/tmp/bench-site}"
 DRY=0
@@ -64,8 +64,8 @@ run() {
   if [ "$secs" -lt 60 ]; then
     echo "== $name: skipped, ${left}s left of the ${LIMIT}s time limit"
     if [ "$DRY" = 0 ]; then
-      echo "== $name: skipped (time limit)" >>"$OUT/run.log"
-      echo "- $name: not run (the run's --time-limit was spent)" >>"$OUT/tables.md"
+      echo "== $name: skipped (time limit)" >>"$OUTDIR/run.log"
+      echo "- $name: not run (the run's --time-limit was spent)" >>"$OUTDIR/tables.md"
     fi
     return 0
   fi
@@ -75,11 +75,11 @@ run() {
   fi
   local start rc
   start=$(date +%s)
-  timeout --signal=INT --kill-after=30 "$secs" "$@" 2>&1 | tee -a "$OUT/run.log"
+  timeout --signal=INT --kill-after=30 "$secs" "$@" 2>&1 | tee -a "$OUTDIR/run.log"
   rc=${PIPESTATUS[0]}
-  echo "== $name: exit $rc after $(($(date +%s) - start)) s" | tee -a "$OUT/run.log"
+  echo "== $name: exit $rc after $(($(date +%s) - start)) s" | tee -a "$OUTDIR/run.log"
   if [ "$rc" = 124 ]; then
-    echo "- $name stopped by its ${secs}s timeout; rows above it are complete." >>"$OUT/tables.md"
+    echo "- $name stopped by its ${secs}s timeout; rows above it are complete." >>"$OUTDIR/tables.md"
   fi
   return 0
 }
@@ -89,7 +89,7 @@ setup() {
     echo "== setup: install .whl/*.whl and this project into $SITE (offline)"
     return 0
   fi
-  mkdir -p "$OUT" "$SITE"
+  mkdir -p "$OUTDIR" "$SITE"
   if compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
       || { echo "wheel install failed" >&2; exit 1; }
@@ -106,17 +106,17 @@ setup() {
   export PYTHONSAFEPATH=1
   if ! "$PY" -P -c "import transformers" >/dev/null 2>&1; then
     # e.g. a dependency of the carried version is older in the image: use the image's own transformers
-    echo "the wheel-installed transformers does not import here; falling back to the image's version" | tee -a "$OUT/run.log"
+    echo "the wheel-installed transformers does not import here; falling back to the image's version" | tee -a "$OUTDIR/run.log"
     rm -rf "$SITE"/transformers "$SITE"/transformers-*.dist-info
   fi
   # -P: the checkout's own t2i_recap/ folder (no captioner/ inside) must not shadow the installed package
   "$PY" -P -c "import diffusers, transformers, torch, t2i_recap.captioner.backend; print('imports ok:', \
-'transformers', transformers.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/run.log" \
+'transformers', transformers.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUTDIR/run.log" \
     || { echo "imports failed: see above" >&2; exit 1; }
 }
 
 part_env() {
-  if [ "$DRY" = 1 ]; then echo "== env: nvidia-smi, versions -> $OUT/env.txt"; return 0; fi
+  if [ "$DRY" = 1 ]; then echo "== env: nvidia-smi, versions -> $OUTDIR/env.txt"; return 0; fi
   {
     date -u
     nvidia-smi || true
@@ -124,11 +124,11 @@ part_env() {
 'cudnn', torch.backends.cudnn.version(), '| diffusers', diffusers.__version__, '| transformers', transformers.__version__, \
 '| accelerate', accelerate.__version__); print(torch.cuda.get_device_properties(0) if torch.cuda.is_available() else 'no CUDA device visible to torch')"
     nproc
-  } >"$OUT/env.txt" 2>&1
-  cat "$OUT/env.txt"
+  } >"$OUTDIR/env.txt" 2>&1
+  cat "$OUTDIR/env.txt"
 }
 
-common_args() { echo --device cuda --markdown "$OUT/tables.md" --json "$OUT/results.jsonl"; }
+common_args() { echo --device cuda --markdown "$OUTDIR/tables.md" --json "$OUTDIR/results.jsonl"; }
 
 part() {
   local t="benchmarks/train_step.py"
@@ -153,14 +153,14 @@ part() {
     xl2-clip) run xl2-clip 360 "$PY" "$t" --sizes paper --models DiT-XL/2 --texts clip-l --keep-going $(common_args) ;;
     caption-2) run caption-2 300 "$PY" benchmarks/caption_throughput.py --shape 8b --batch-sizes 64 128 --repeats 2 \
       --weights-dir /tmp/bench-llava --keep-going $(common_args) ;;
-    fsdp) FSDP_CHECK_OUT="$OUT" run fsdp 200 bash benchmarks/gpu_fsdp_check.sh ;;
+    fsdp) FSDP_CHECK_OUT="$OUTDIR" run fsdp 200 bash benchmarks/gpu_fsdp_check.sh ;;
     caption-sweep)
       run caption-sweep 420 "$PY" -P benchmarks/captioner_sweep.py --out /tmp/caption-sweep --device cuda \
         --num-train "${SWEEP_TRAIN:-10000}" --epochs "${SWEEP_EPOCHS:-3}" --parallel 6 --timeout 330 \
-        --variants l2h128 l4h128 l4h256 l6h256 l8h256 l4h256-tower --pack "$OUT/best_captioner.tar"
-      [ "$DRY" = 1 ] || cp /tmp/caption-sweep/sweep.md /tmp/caption-sweep/sweep.json "$OUT/" 2>/dev/null ;;
+        --variants l2h128 l4h128 l4h256 l6h256 l8h256 l4h256-tower --pack "$OUTDIR/best_captioner.tar"
+      [ "$DRY" = 1 ] || cp /tmp/caption-sweep/sweep.md /tmp/caption-sweep/sweep.json "$OUTDIR/" 2>/dev/null ;;
     data) run data 300 "$PY" benchmarks/data_cpu.py --samples 1000 --image-size 512 --device cpu \
-      --markdown "$OUT/tables.md" --json "$OUT/results.jsonl" ;;
+      --markdown "$OUTDIR/tables.md" --json "$OUTDIR/results.jsonl" ;;
   esac
 }
 
@@ -172,7 +172,7 @@ main() {
     case "$a" in
       --fetch-wheels) fetch_wheels; exit $? ;;
       --dry-run) DRY=1 ;;
-      --out) OUT="$(mkdir -p "$1" && cd "$1" && pwd)"; shift ;;
+      --out) OUTDIR="$(mkdir -p "$1" && cd "$1" && pwd)"; shift ;;
       --time-limit) LIMIT="$1"; shift ;;
       -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
       all) parts+=(env smoke train-b4 train-b2 train-xl2 train-pad e2e caption data) ;;
@@ -194,7 +194,7 @@ main() {
   fi
   setup
   for p in "${parts[@]}"; do part "$p"; done
-  [ "$DRY" = 1 ] || echo "tables: $OUT/tables.md"
+  [ "$DRY" = 1 ] || echo "tables: $OUTDIR/tables.md"
 }
 
 main "$@"

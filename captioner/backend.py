@@ -90,7 +90,7 @@ def _load_model(model: str, dtype: torch.dtype, attn: str | None, trust_remote_c
 class TransformersBackend:
     """Batched greedy captioning with a transformers vision-language model.
 
-    Left padding (REFERENCE.md section 3: right padding silently degrades batched output), the
+    Left padding (docs/references.md section 3: right padding silently degrades batched output), the
     processor's own chat template, bf16 + SDPA on GPU.
     """
 

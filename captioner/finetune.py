@@ -1,7 +1,7 @@
 """`t2i-recap caption finetune`: train a LLaVA-architecture captioner on (image, caption) pairs.
 
 The paper's captioner is LLaVA-1.5 (CLIP vision tower, frozen; `mlp2x_gelu` projector; LLaMA-3
-decoder), fine-tuned on image-caption pairs (REFERENCE.md section 1). This module fine-tunes any
+decoder), fine-tuned on image-caption pairs (docs/references.md section 1). This module fine-tunes any
 `LlavaForConditionalGeneration` folder, fully or with LoRA (peft), or first assembles a new one
 from a CLIP model's vision tower + a fresh 2-layer MLP projector + a fresh small LLaMA decoder
 (`build_captioner`): that is how the shapes world gets its tiny captioner. Either way the result

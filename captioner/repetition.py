@@ -1,6 +1,6 @@
 """Greedy repetition loops: a caption that ran to the token cap while repeating itself.
 
-REFERENCE.md section 3: greedy decoding at scale falls into loops ("a red car, a red car, a red
+docs/references.md section 3: greedy decoding at scale falls into loops ("a red car, a red car, a red
 car, ...") that run to max_new_tokens. Detect: hit the cap AND repeated n-grams. A long caption
 that merely hit the cap is not flagged.
 """

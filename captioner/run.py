@@ -195,7 +195,7 @@ class ShardCaptioner:
 
     With a backend that splits `prepare` (CPU: template, tokenising, image preprocessing) from
     `generate`, batch k+1 is prepared in a thread while batch k generates, so preprocessing does
-    not starve the GPU (REFERENCE.md section 3).
+    not starve the GPU (docs/references.md section 3).
     """
 
     def __init__(self, backend, cfg: CaptionRunConfig) -> None:

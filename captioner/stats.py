@@ -4,7 +4,7 @@
 stats.json, stats.md and lengths.png:
 
 * length distributions of original vs recaption, in words (as Recap-DataComp-1B's re_length /
-  org_length: mean 49.4 vs 10.2, REFERENCE.md section 1) and in tokens of a named tokenizer;
+  org_length: mean 49.4 vs 10.2, docs/references.md section 1) and in tokens of a named tokenizer;
 * vocabulary size of each side and their overlap;
 * share of recaptions that hit the generation cap (finish_reason "length") and repetition rate;
 * CLIP score (torchmetrics `CLIPScore`, a local CLIP passed as a callable) of the image against

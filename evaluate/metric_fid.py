@@ -3,7 +3,7 @@
 * FID through torchmetrics' `FrechetInceptionDistance`, with a local Inception weights file (the
   standard `weights-inception-2015-12-05-6726825d.pth`, or the same tensors as .safetensors) and
   `antialias` passed explicitly: torchmetrics >= 1.8 defaults to True, which differs from the
-  reference implementation, so the default here is False (paper-comparable; REFERENCE.md s5).
+  reference implementation, so the default here is False (paper-comparable; docs/references.md section 5).
   The network is `evaluate/inception.py`, torch-fidelity's Inception-v3 layer for layer (checked
   bit-identical on random weights), given to torchmetrics as its `feature` module: torch-fidelity
   itself imports torchvision, whose wheels fail beside a CPU-only torch.

@@ -1,7 +1,7 @@
 """Prompt suites: the built-in `shapes` suite and user prompt files.
 
 The `shapes` suite follows GenEval's categories (single object, two objects, counting, colours,
-position, colour attribution; REFERENCE.md section 5) on the shapes world, plus `dense` prompts
+position, colour attribution; docs/references.md section 5) on the shapes world, plus `dense` prompts
 with 3-4 objects, sizes and positions (DPG-Bench's role). Every prompt carries its target as
 constraints (checked exactly by `metric_oracle.check_constraints` on the scene the oracle reads
 back) and a gold scene that satisfies them, so "render the gold scene, score it" must give 100%.

@@ -4,7 +4,7 @@ A checkpoint is a folder `checkpoints/step-00001000/` holding model.safetensors,
 optimizer.safetensors (tensors of the optimizer state) and state.json (step, optimizer hyper-
 parameters, each rank's data cursor and RNG states, counters, the resolved config). It is written
 under a temporary name and renamed into place, so a crash never leaves a half checkpoint that
-`--resume latest` would pick. No pickle anywhere (STYLE.md: checkpoints load without torch.load).
+`--resume latest` would pick. No pickle anywhere (checkpoints load without torch.load).
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ class DemoConfig:
     train_steps: int = 2000
     train_batch_size: int = 32
     train_lr: float = 2e-3
-    """The DiT's learning rate (batch 32 x 2,000 steps, p = 0 on session 3's recaptions: 2e-3 reached 0.459
+    """The DiT's learning rate (batch 32 x 2,000 steps, p = 0 on an earlier demo's recaptions: 2e-3 reached 0.459
     recaptioned-prompt alignment, 1e-3 0.415)."""
     train_config: str = "shapes_tiny"
     """Training recipe: a shipped recipe's name (configs/train/) or a YAML path."""
@@ -264,7 +264,7 @@ class Demo:
         caption = {k: c[k] for k in ("caption_batch_size", "caption_max_new_tokens")}
         train = {k: c[k] for k in ("train_steps", "train_batch_size", "train_lr", "train_config")}
         evals = {k: c[k] for k in ("eval_per_category", "eval_images_per_prompt", "eval_steps")}
-        # Expected seconds for the ETA bar, from the full run of 2026-11-26 (session 4) on 2 CPU cores (README).
+        # Expected seconds for the ETA bar, from the full run of 2026-11-26 on 2 CPU cores (docs/results.md).
         scale = c["num_web"] / 20_000
         pairs = c["num_web"] * c["curated_fraction"] * c["gold_captions"] / 5_000
         stages = [

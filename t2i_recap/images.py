@@ -4,7 +4,7 @@ The one decode of the project: the captioner (`t2i_recap.captioner.readers`) and
 (`t2i_recap.data`) both call `decode_image`, so the recaption describes exactly the pixels the DiT
 trains on (EXIF orientation, mode conversion and bit depth alike).
 
-Failure modes seen at web scale (REFERENCE.md section 3): truncated or corrupt files, zero-byte
+Failure modes seen at web scale (docs/references.md section 3): truncated or corrupt files, zero-byte
 files, decompression bombs, CMYK / 16-bit / palette / transparent / animated images. Each one is
 either converted safely (with a note saying what was done) or rejected with a reason that ends up
 in the sidecar's `error` column.

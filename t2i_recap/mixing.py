@@ -4,7 +4,7 @@ Li et al. 2024 section 5: each training sample uses its ORIGINAL web caption wit
 else its recaption. A sample lacking the drawn caption falls back to the other one, and the
 fallback is counted (a run at p=0 whose recaptions are half missing is not a p=0 run). CFG dropout
 then swaps in the empty caption's embedding, drawn anew every step: dropping at cache time would drop
-the same captions every epoch (a diffusers example bug, REFERENCE.md section 4).
+the same captions every epoch (a diffusers example bug, docs/references.md section 4).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The DiT model registry: named sizes x patch sizes, built on diffusers' PixArtTransformer2DModel.
 
 PixArtTransformer2DModel is diffusers' text-conditioned DiT: adaLN-single timestep conditioning
-plus cross-attention to projected caption tokens in every block (REFERENCE.md section 4), which is
+plus cross-attention to projected caption tokens in every block (docs/references.md section 4), which is
 the paper's "features injected by cross-attention in every DiT block". Sizes follow DiT
 (Peebles & Xie, Table 1): layers / width / heads.
 """
@@ -66,7 +66,7 @@ def build_model(cfg: ModelConfig, *, latent_channels: int, latent_size: int, cap
         in_channels=latent_channels,
         out_channels=latent_channels * (2 if cfg.learned_sigma else 1),
         num_layers=layers,
-        cross_attention_dim=heads * head_dim,  # must equal heads * head_dim (REFERENCE.md section 4)
+        cross_attention_dim=heads * head_dim,  # must equal heads * head_dim (docs/references.md section 4)
         sample_size=latent_size,
         patch_size=patch,
         caption_channels=caption_channels,

@@ -2,7 +2,7 @@
 
 Encoding matches what PixArtAlphaPipeline does at inference (pad to max_length, pass the attention
 mask, take the last hidden state), so a trained model sees the same features in the exported pipeline.
-Truncation is measured, not hidden: recaptions average ~49 words (REFERENCE.md section 1), and
+Truncation is measured, not hidden: recaptions average ~49 words (docs/references.md section 1), and
 CLIP's 77 tokens cut many of them; the trainer logs the truncated share.
 """
 

@@ -1,4 +1,4 @@
-"""The DiT trainer under accelerate's FSDP2 (issue 8), on 2 CPU processes with gloo.
+"""The DiT trainer under accelerate's FSDP2, on 2 CPU processes with gloo.
 
 accelerate allows FSDP only on accelerators; tests/fsdp_cpu_harness.py lifts that one gate and runs
 the real trainer, started by `accelerate launch --config_file docs/accelerate/fsdp_dit_xl.yaml` (the

@@ -1,4 +1,4 @@
-"""The bad-input catalogue (issue 8.2): every case has a defined outcome, and a test that checks it.
+"""The bad-input catalogue: every case has a defined outcome, and a test that checks it.
 
 Outcomes: OK (used, with a note saying what was converted), SKIPPED (a row with status "skipped"
 and the reason in `error`; training logs the sample as skipped with its reason), ERROR (a clear

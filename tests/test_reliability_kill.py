@@ -1,4 +1,4 @@
-"""Kill tests (issue 8.1): SIGKILL at random points, then rerun; nothing lost, nothing doubled.
+"""Kill tests: SIGKILL at random points, then rerun; nothing lost, nothing doubled.
 
 Captioning: 10 trials, each SIGKILLs a captioning run at a random moment (from before the first
 batch to the end of the run), checks that every `*.parquet` visible under a final name is a

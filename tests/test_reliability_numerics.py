@@ -1,4 +1,4 @@
-"""Numerical faults (issue 8.3): a NaN or inf loss stops training with a clear message before the
+"""Numerical faults: a NaN or inf loss stops training with a clear message before the
 weights change, keeping the last good checkpoint; with trainer.on_nonfinite_loss=skip the step's
 update is dropped and training goes on."""
 

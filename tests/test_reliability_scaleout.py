@@ -1,4 +1,4 @@
-"""Scale-out (issue 8.5): shards split over processes with no overlap and no gap, whatever was
+"""Scale-out: shards split over processes with no overlap and no gap, whatever was
 finished before and whatever the world size; training with 2 processes matches 1 process at the
 same global batch.
 

@@ -1,4 +1,4 @@
-"""Security (issue 8.4), checked on one tiny caption -> train -> export -> stats -> eval run whose
+"""Security, checked on one tiny caption -> train -> export -> stats -> eval run whose
 inputs are hostile: captions and prompts with <script>, HTML, markdown fences and control
 characters, a custom captioning prompt carrying HTML into the sidecar provenance.
 

@@ -20,7 +20,7 @@ def test_registry_names_and_sizes():
 
 
 def test_build_follows_encoder_and_sets_additional_conditions_off():
-    # sample_size 128 would switch use_additional_conditions on by itself (REFERENCE.md section 4)
+    # sample_size 128 would switch use_additional_conditions on by itself (docs/references.md section 4)
     m = build_model(ModelConfig(name="DiT-S/8"), latent_channels=4, latent_size=128, caption_channels=48)
     assert m.config.use_additional_conditions is False and m.use_additional_conditions is False
     assert m.caption_projection.linear_1.in_features == 48

@@ -75,7 +75,7 @@ class AssetsConfig:
     vae: VaeTrainConfig = dataclasses.field(default_factory=VaeTrainConfig)
     """The tiny VAE."""
     min_clip_r_at_1: float = 0.5
-    """Gate: CLIP text-to-image R@1 among clip.eval_scenes held-out scenes (issue 2: >= 0.5)."""
+    """Gate: CLIP text-to-image R@1 among clip.eval_scenes held-out scenes (gate: >= 0.5)."""
     min_clip_binding_r_at_1: float = 0.5
     """Gate: CLIP binding R@1, each held-out caption against its own image and clip.eval_variants hard
     negatives (objects moved, colours or shapes swapped); chance is 0.2 with 4 variants. A CLIP that

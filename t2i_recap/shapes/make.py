@@ -1,6 +1,6 @@
 """`t2i-recap shapes make`: write shapes-world shards in img2dataset's webdataset layout.
 
-Per shard (REFERENCE.md section 2): `00000.tar` holding `<key>.png|jpg`, `<key>.txt` (the noisy
+Per shard (docs/references.md section 2): `00000.tar` holding `<key>.png|jpg`, `<key>.txt` (the noisy
 web caption) and `<key>.json` (img2dataset's metadata plus the scene graph, and the gold caption
 for the curated share), then `00000.parquet` with the same metadata, then `00000_stats.json`
 last: as in img2dataset, its presence marks the shard done and a rerun skips it.
