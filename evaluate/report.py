@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import json
 import platform
 from pathlib import Path
-
-from t2i_recap.io import atomic_write_text
 
 from .escape import clean_text, md_text  # noqa: F401  (clean_text: re-exported)
 from .stats import category_mean_ci, mean_ci
@@ -199,7 +196,7 @@ def worst_prompts(variant: dict, n: int) -> list[dict]:
 def render_markdown(report: dict) -> str:
     prov = report["provenance"]
     gen = prov["generation"]
-    lines = [f"# Evaluation report", "",
+    lines = ["# Evaluation report", "",
              f"- model: {md_cell(prov['model']['path'])} (sha256 {prov['model']['sha256'][:16]})",
              f"- suite: {md_cell(prov['suite']['name'])}, {prov['suite']['num_prompts']} prompts "
              f"(sha256 {prov['suite']['sha256'][:16]})",

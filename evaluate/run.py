@@ -193,7 +193,7 @@ def run_eval(cfg: EvalConfig, argv: list[str] | None = None, generate=None) -> P
                                           images_root=images_root, batch_size=cfg.batch_size,
                                           max_new_tokens=cfg.recaption_max_new_tokens, seed=cfg.seed)
     variants = build_variants(suite, texts, recap_meta)
-    pipe, _ = load_pipeline(model_dir, device=cfg.device or _default_device(), 
+    pipe, _ = load_pipeline(model_dir, device=cfg.device or _default_device(),
                          dtype=None if cfg.dtype == "float32" else _torch_dtype(cfg.dtype))
     if cfg.scheduler:
         _swap_scheduler(pipe, cfg.scheduler)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import tarfile
 from pathlib import Path
 from typing import Callable
@@ -21,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from fixtures_captioner import encode, hostile_images, png_header_only
+from fixtures_captioner import encode, hostile_images
 
 GOOD_PNG = encode(Image.new("RGB", (24, 16), (200, 40, 40)), "PNG")
 
