@@ -500,8 +500,8 @@ class Trainer:
                    "processes": self.world, "run_dir": str(self.run_dir)}
         if self.acc.is_main_process:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
-        self.acc.end_training()
         self.acc.wait_for_everyone()
+        self.acc.end_training()  # closes the trackers; accelerate also tears the process group down here
         return summary
 
 

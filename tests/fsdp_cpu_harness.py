@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
     p.add_argument("--resume", default=None)
+    p.add_argument("--resume-allow-changes", default=None, help="comma-separated keys, as t2i_recap.train takes")
     p.add_argument("--report", required=True)
     args = p.parse_args(argv)
     allow_fsdp_on_cpu()
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     from t2i_recap.trainer import Trainer
 
     setup_logging()
-    trainer = Trainer(load_config(TrainConfig, args.config), args.resume)  # what t2i_recap.trainer.train does
+    allow = args.resume_allow_changes.split(",") if args.resume_allow_changes else None
+    trainer = Trainer(load_config(TrainConfig, args.config), args.resume, allow)  # what t2i_recap.trainer.train does
     report = shard_report(trainer)  # before fit: a run that shards nothing fails the test, not just slowly
     report["summary"] = trainer.fit()
     with open(f"{args.report}.rank{trainer.rank}", "w") as fh:

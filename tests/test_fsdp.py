@@ -104,13 +104,14 @@ def test_fsdp_trains_saves_validates_and_its_checkpoint_loads_in_one_process(tmp
     diff = np.abs(np.asarray(Image.open(grid), dtype=int) - np.asarray(again, dtype=int)).max()
     assert diff <= 1, f"validation grid differs from the exported EMA model's by {diff}"
 
-    # One process resumes the FSDP checkpoint (weights, EMA, optimizer state) and trains on.
+    # One process resumes the FSDP checkpoint (weights, EMA, optimizer state) and trains on, at half
+    # the global batch (one process's share): a change the user states, as resume checks require.
     cfg["trainer"].update(max_steps=3, batch_size=2, micro_batch_size=1)
-    summary = train(from_dict(TrainConfig, cfg), resume="latest")
+    summary = train(from_dict(TrainConfig, cfg), resume="latest", allow_changes=["trainer.batch_size"])
     assert summary["step"] == 3 and summary["processes"] == 1
     # ... and FSDP resumes that one-process checkpoint.
     cfg["trainer"].update(max_steps=4, batch_size=4)
-    reports = _launch(tmp_path, "fsdp-again", cfg, "--resume", "latest")
+    reports = _launch(tmp_path, "fsdp-again", cfg, "--resume", "latest", "--resume-allow-changes", "trainer.batch_size")
     _assert_sharded(reports)
     assert reports[0]["summary"]["step"] == 4 and (run / "checkpoints/step-00000004/state.json").is_file()
 
