@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fnmatch
 import hashlib
 import json
 import os
@@ -310,6 +311,8 @@ class Claims:
             return True
         except FileExistsError:
             pass
+        except FileNotFoundError:  # the folder was pruned: the claim judged dead is gone with it
+            return False
         try:  # a taker that died between its two system calls leaves its lock: clear it once stale
             if time.time() - lock.stat().st_mtime > self.cfg.stale_s:
                 log.warning("removing the takeover lock %s left by a dead process", lock)
@@ -354,17 +357,23 @@ class Claims:
                 else:
                     time.sleep(self.cfg.poll_s)
 
+    def _listed(self, pattern: str) -> list[Path]:
+        """The files in the claims folder matching `pattern`; none if another process removed the folder."""
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:  # the last other owner pruned it: nothing left to look at
+            return []
+        return sorted(self.dir / n for n in names if fnmatch.fnmatchcase(n, pattern))
+
     def prune(self) -> None:
         """Remove dead claims (a killed owner that had finished its shard) and the folder once it is empty."""
-        if not self.dir.is_dir():
-            return
-        for path in sorted(self.dir.glob(".*.claim.*")):  # a taker's lock or new claim, left by its death
+        for path in self._listed(".*.claim.*"):  # a taker's lock or new claim, left by its death
             try:
                 if time.time() - path.stat().st_mtime > self.cfg.stale_s:
                     path.unlink(missing_ok=True)
             except FileNotFoundError:
                 pass
-        for path in sorted(self.dir.glob("*.claim")):
+        for path in self._listed("*.claim"):
             seen = _inspect(path)
             why = self.dead_because(seen) if seen is not None else None
             if why is not None and self._take_over(path, seen, replace=False):

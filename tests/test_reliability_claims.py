@@ -217,6 +217,32 @@ def test_each_stops_waiting_when_asked(tmp_path):
     assert time.monotonic() - started < 5
 
 
+def test_the_folder_vanishing_under_a_prune_or_a_takeover_is_not_an_error(tmp_path, monkeypatch):
+    """The last other owner removes the empty claims folder at any moment: between a look at the
+    folder and its listing (prune), or between judging a claim dead and taking its lock."""
+    import t2i_recap.claims as claims_mod
+
+    a = _claims(tmp_path)
+    held = a.try_acquire("00000")
+    held.release()
+    a.prune()
+    assert not a.dir.exists()
+    a.prune()  # nothing left: a no-op, not FileNotFoundError
+    real_listdir = os.listdir
+
+    def listdir_after_removal(path):
+        if Path(path) == a.dir:
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_listdir(path)
+
+    a.dir.mkdir()
+    monkeypatch.setattr(claims_mod.os, "listdir", listdir_after_removal)
+    a.prune()  # the folder listed as gone: a no-op (prune then removes the real, empty folder)
+    monkeypatch.undo()
+    assert not a.dir.exists()
+    assert a._lock(a.dir / ".x.claim.1-2.takeover") is False
+
+
 def test_bad_claim_settings_are_refused():
     from t2i_recap.claims import ClaimConfig
 
