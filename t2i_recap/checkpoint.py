@@ -156,7 +156,7 @@ class Checkpointer:
 # resumption (model, objective, optimizer, batch sizes, data, features, mixing, seed, ...): a safe
 # default, so a new config field is refused until it is known to be harmless.
 HARMLESS_CHANGES = ("trainer.max_steps", "trainer.log_every", "trainer.run_dir", "trainer.on_nonfinite_loss",
-                    "trainer.allow_tf32", "validation", "checkpoint", "data.num_workers")
+                    "trainer.allow_tf32", "trainer.log_with", "validation", "checkpoint", "data.num_workers")
 
 
 class ResumeConfigError(ValueError):

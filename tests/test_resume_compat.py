@@ -104,3 +104,12 @@ def test_cli_refusal_is_one_line_with_exit_2(trained, train_assets, train_shards
                             checkpoint={"every_steps": 2})
     assert main(["--config", str(write_config(tmp_path / "c.yaml", cfg)), "--resume", "latest"]) == 2
     assert "trainer.batch_size: 4 -> 8" in capsys.readouterr().err
+
+
+def test_tracker_choice_is_a_harmless_change():
+    """Switching trackers (TensorBoard to wandb) on a resume changes only where metrics go."""
+    from t2i_recap.checkpoint import check_resume_config
+
+    saved = {"trainer": {"log_with": ["tensorboard"], "lr": 1e-4}}
+    changes = check_resume_config(saved, {"trainer": {"log_with": ["wandb"], "lr": 1e-4}})
+    assert changes == {"trainer.log_with": (["tensorboard"], ["wandb"])}
