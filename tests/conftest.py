@@ -3,7 +3,6 @@ gathered here so every test file sees them."""
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from pathlib import Path
@@ -16,9 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here or in CI: every mode
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-for _path in sorted(HERE.glob("fixtures_*.py")):
-    _module = importlib.import_module(_path.stem)
-    globals().update({k: v for k, v in vars(_module).items() if not k.startswith("_")})
+# Each fixtures_<area>.py is a pytest plugin: its fixtures reach every test file.
+pytest_plugins = sorted(path.stem for path in HERE.glob("fixtures_*.py"))
 
 
 def pytest_collection_modifyitems(config, items):
