@@ -45,14 +45,16 @@ class ValidationConfig:
 
 
 def generate_images(pipe, prompts: list[str], seeds: list[int], *, num_inference_steps: int, guidance_scale: float,
-                    resolution: int, max_sequence_length: int, batch_size: int = 8) -> list[Image.Image]:
-    """One image per (prompt, seed) pair, in order."""
+                    resolution: int, max_sequence_length: int, batch_size: int = 8,
+                    text_chunks: int | None = None) -> list[Image.Image]:
+    """One image per (prompt, seed) pair, in order; `text_chunks` encodes prompts in chunks of
+    max_sequence_length / text_chunks tokens, as a model trained with long_captions=chunks saw them."""
     if len(prompts) != len(seeds):
         raise ValueError(f"generate_images: {len(prompts)} prompts but {len(seeds)} seeds")
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch_size):
         chunk_p, chunk_s = prompts[start:start + batch_size], seeds[start:start + batch_size]
-        embeds = _prompt_embeds(pipe, chunk_p, guidance_scale > 1.0, max_sequence_length)
+        embeds = _prompt_embeds(pipe, chunk_p, guidance_scale > 1.0, max_sequence_length, text_chunks)
         try:
             out = pipe(
                 **embeds,
@@ -77,18 +79,32 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], *, num_inference
     return images
 
 
-def _prompt_embeds(pipe, prompts: list[str], guidance: bool, max_sequence_length: int) -> dict:
-    """Prompt embeddings in the transformer's dtype.
+def _prompt_embeds(pipe, prompts: list[str], guidance: bool, max_sequence_length: int,
+                   text_chunks: int | None = None) -> dict:
+    """Prompt embeddings in the transformer's dtype (in chunks with `text_chunks`, t2i_recap/long_text.py).
 
     PixArtAlphaPipeline keeps the text encoder's dtype for the embeddings and the initial latents, so
     a bf16 text encoder beside an fp32 transformer fails in its first Linear; diffusers' SD3 and Flux
     pipelines cast the embeddings to the transformer's dtype, as done here.
     """
     dtype = pipe.transformer.dtype
+    if text_chunks:
+        return _chunked_embeds(pipe, prompts, guidance, max_sequence_length // text_chunks, text_chunks, dtype)
     pe, pm, ne, nm = pipe.encode_prompt(prompts, do_classifier_free_guidance=guidance, device=pipe._execution_device,
                                         clean_caption=False, max_sequence_length=max_sequence_length)
     out = {"prompt": None, "negative_prompt": None, "prompt_embeds": pe.to(dtype), "prompt_attention_mask": pm}
     if guidance:
+        out.update(negative_prompt_embeds=ne.to(dtype), negative_prompt_attention_mask=nm)
+    return out
+
+
+def _chunked_embeds(pipe, prompts: list[str], guidance: bool, chunk_len: int, chunks: int, dtype) -> dict:
+    from t2i_recap.long_text import encode_chunks
+
+    pe, pm, _ = encode_chunks(pipe.tokenizer, pipe.text_encoder, prompts, chunks, chunk_len)
+    out = {"prompt": None, "negative_prompt": None, "prompt_embeds": pe.to(dtype), "prompt_attention_mask": pm}
+    if guidance:  # the empty negative prompt, as the trainer's CFG dropout encodes it
+        ne, nm, _ = encode_chunks(pipe.tokenizer, pipe.text_encoder, [""] * len(prompts), chunks, chunk_len)
         out.update(negative_prompt_embeds=ne.to(dtype), negative_prompt_attention_mask=nm)
     return out
 
@@ -126,17 +142,19 @@ def load_pipeline(path: str | Path, device: str | torch.device | None = None, dt
 def generate_from_settings(pipe, settings: dict, prompts: list[str], seeds: list[int], **overrides) -> list[Image.Image]:
     """generate_images with the defaults an export recorded in t2i_recap.json."""
     kw = {k: settings[k] for k in ("num_inference_steps", "guidance_scale", "resolution", "max_sequence_length")}
+    kw["text_chunks"] = settings.get("text_chunks")
     kw.update(overrides)
     return generate_images(pipe, prompts, seeds, **kw)
 
 
 def image_grid(images: list[Image.Image], cols: int) -> Image.Image:
-    """Images laid out row by row, `cols` per row."""
+    """Images laid out row by row, `cols` per row (diffusers' make_image_grid); a short last row is padded white."""
+    from diffusers.utils import make_image_grid
+
     if not images:
         raise ValueError("image_grid needs at least one image")
-    w, h = images[0].size
+    if cols < 1:
+        raise ValueError(f"image_grid: cols must be >= 1, got {cols}")
     rows = (len(images) + cols - 1) // cols
-    grid = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
-    for i, img in enumerate(images):
-        grid.paste(img, ((i % cols) * w, (i // cols) * h))
-    return grid
+    blank = Image.new("RGB", images[0].size, (255, 255, 255))
+    return make_image_grid(list(images) + [blank] * (rows * cols - len(images)), rows=rows, cols=cols)
