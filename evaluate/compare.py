@@ -24,7 +24,7 @@ from .stats import mean_ci
 
 # Keys an export's t2i_recap.json may use for the share of original captions (the paper's p).
 P_KEYS = ("caption_p", "caption_mix_p", "p", "original_caption_prob", "p_original", "mix_p")
-COLUMNS = ("oracle_geneval", "oracle_fraction", "clip_score", "vqa", "vqa_derived", "fd_clip", "cmmd", "fid")
+COLUMNS = ("oracle_geneval", "oracle_fraction", "oracle_objects_exact", "oracle_objects", "clip_score", "vqa", "vqa_derived", "fd_clip", "cmmd", "fid")
 
 
 def load_run(path: str | Path) -> dict:

@@ -40,10 +40,18 @@ def check_constraints(scene: Scene, constraints: list[dict]) -> list[bool]:
     return [_holds(scene, c) for c in constraints]
 
 
+def object_share(constraints: list[dict], verdicts: list[bool]) -> float | None:
+    """Share of the prompt's objects found: its `cell` constraints (one per object: that cell holds
+    that shape, colour and size) that hold. None when the prompt places no object by cell (every
+    shapes category but `dense`)."""
+    cells = [v for c, v in zip(constraints, verdicts) if c.get("type") == "cell"]
+    return sum(cells) / len(cells) if cells else None
+
+
 def score_scene(scene: Scene, constraints: list[dict]) -> dict:
     verdicts = check_constraints(scene, constraints)
     return {"correct": float(all(verdicts)), "fraction": sum(verdicts) / len(verdicts),
-            "verdicts": verdicts}
+            "objects": object_share(constraints, verdicts), "verdicts": verdicts}
 
 
 # An object read with less confidence than this does not count. The oracle reads every blob

@@ -21,12 +21,15 @@ SCHEMA_VERSION = 1
 PROMPT_METRICS = {
     "oracle_accuracy": lambda row: row["oracle"]["correct"] if "oracle" in row else None,
     "oracle_fraction": lambda row: row["oracle"]["fraction"] if "oracle" in row else None,
+    "oracle_objects": lambda row: row["oracle"].get("objects") if "oracle" in row else None,
     "clip_score": lambda row: row.get("clip"),
     "vqa": lambda row: row.get("vqa"),
     "vqa_derived": lambda row: row.get("vqa_derived"),
 }
 LABELS = {"oracle_accuracy": "oracle accuracy", "oracle_geneval": "oracle (GenEval mean)",
-          "oracle_fraction": "constraints met", "clip_score": "CLIP score", "vqa": "VQA score",
+          "oracle_fraction": "constraints met", "oracle_objects_exact": "dense: exact",
+          "oracle_objects": "dense: objects found",
+          "clip_score": "CLIP score", "vqa": "VQA score",
           "vqa_derived": "VQA (questions)", "fd_clip": "FD-CLIP", "cmmd": "CMMD", "fid": "FID"}
 LOWER_IS_BETTER = {"fd_clip", "cmmd", "fid"}
 
@@ -80,6 +83,11 @@ def _aggregate(prompts: list[dict], seed: int) -> tuple[dict, dict]:
             by_cat.setdefault(c, {})[name] = mean_ci(vals, seed=seed)
         if name == "oracle_accuracy":
             metrics["oracle_geneval"] = category_mean_ci(groups, seed=seed)
+    # Prompts that place objects by cell (the dense category): exact accuracy on the same prompts,
+    # beside the share of their objects found (oracle_objects, averaged over those prompts only).
+    placed = [p for p in prompts if p.get("oracle_objects") is not None]
+    if placed:
+        metrics["oracle_objects_exact"] = mean_ci([p["oracle_accuracy"] for p in placed], seed=seed)
     return metrics, by_cat
 
 

@@ -294,20 +294,30 @@ class Demo:
         return stages
 
 
+_DENSE_CELLS = (("oracle_objects_exact", "dense exact"), ("oracle_objects", "dense objects"))
+
+
+def _fmt_ci(value: dict) -> str:
+    low, high = value["ci"]
+    return f"{value['mean']:.3f} [{low:.3f}, {high:.3f}]"
+
+
 def summarize(out: Path, metric: str = "oracle_geneval") -> str:
     """The closing summary: each run's overall oracle alignment with its 95% bootstrap CI."""
     path = out / "report" / "compare.json"
     if not path.exists():
         return f"no comparison report at {path}"
     data = json.loads(path.read_text())
-    lines = ["", f"Overall shapes-oracle alignment ({metric}; mean [95% bootstrap CI over prompts]):"]
+    lines = ["", f"Overall shapes-oracle alignment ({metric}; mean [95% bootstrap CI over prompts]); dense prompts "
+             "exactly right, and the share of their objects found:"]
     for row in data["rows"]:
         cells = []
         for variant, cell in row["variants"].items():
             value = cell.get(metric) or {}
             if value.get("mean") is not None:
-                low, high = value["ci"]
-                cells.append(f"{variant} prompts {value['mean']:.3f} [{low:.3f}, {high:.3f}]")
+                dense = "".join(f", {name} {_fmt_ci(cell[key])}" for key, name in _DENSE_CELLS
+                                if (cell.get(key) or {}).get("mean") is not None)
+                cells.append(f"{variant} prompts {_fmt_ci(value)}{dense}")
         lines.append(f"  {row['label']:>8}: " + "; ".join(cells))
     lines.append(f"Report: {out / 'report' / 'compare.html'} (also compare.md, compare.json)")
     return "\n".join(lines)
