@@ -35,6 +35,8 @@ class GenSettings:
     resolution: int
     max_sequence_length: int
     batch_size: int
+    text_chunks: int | None = None
+    """Prompts encoded in this many chunks (a model trained with text_encoder.long_captions=chunks)."""
 
 
 def image_seed(seed: int, index: int, k: int, images_per_prompt: int) -> int:
@@ -104,15 +106,20 @@ def _generate(pipe, prompts: list[str], seeds: list[int], s: GenSettings) -> lis
 
     return generate_images(pipe, prompts, seeds, num_inference_steps=s.num_inference_steps,
                            guidance_scale=s.guidance_scale, resolution=s.resolution,
-                           max_sequence_length=s.max_sequence_length, batch_size=s.batch_size)
+                           max_sequence_length=s.max_sequence_length, batch_size=s.batch_size,
+                           text_chunks=s.text_chunks)
 
 
-def truncated_prompts(pipe, prompts: list[str | None], max_sequence_length: int) -> int:
-    """How many prompts the model's own text encoder sees cut at `max_sequence_length` tokens."""
+def truncated_prompts(pipe, prompts: list[str | None], max_sequence_length: int, text_chunks: int | None = None) -> int:
+    """How many prompts the model's own text encoder sees cut at `max_sequence_length` tokens
+    (with `text_chunks`: at that many chunks of max_sequence_length / text_chunks - 2 caption tokens)."""
     texts = [p for p in prompts if p]
     if not texts or getattr(pipe, "tokenizer", None) is None:
         return 0
     ids = pipe.tokenizer(texts, truncation=False, verbose=False)["input_ids"]  # verbose: we count, not warn
+    if text_chunks:
+        body = text_chunks * (max_sequence_length // text_chunks - 2)
+        return sum(len(row) - 2 > body for row in ids)  # each row holds one start and one end token
     return sum(len(row) > max_sequence_length for row in ids)
 
 
@@ -152,7 +159,7 @@ def generate_variant(pipe, out_dir: Path, variant: str, prompts: list[str | None
                  variant, images.path.parent)
     todo = [(i, k) for i, p in enumerate(prompts) if p for k in range(s.images_per_prompt)
             if not _reusable(images, out_dir, variant, i, k, p, s)]
-    cut = truncated_prompts(pipe, prompts, s.max_sequence_length)
+    cut = truncated_prompts(pipe, prompts, s.max_sequence_length, s.text_chunks)
     if cut:
         log.warning("%s: %d of %d prompts are longer than the model's %d text tokens and are truncated",
                     variant, cut, sum(bool(p) for p in prompts), s.max_sequence_length)

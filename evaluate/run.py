@@ -103,7 +103,8 @@ def _settings(cfg: EvalConfig, sidecar: dict):
 
     return GenSettings(cfg.images_per_prompt, cfg.seed, int(pick(cfg.steps, "num_inference_steps")),
                        float(pick(cfg.guidance, "guidance_scale")), int(pick(cfg.resolution, "resolution")),
-                       int(pick(cfg.max_sequence_length, "max_sequence_length", 77)), cfg.batch_size)
+                       int(pick(cfg.max_sequence_length, "max_sequence_length", 77)), cfg.batch_size,
+                       sidecar.get("text_chunks"))
 
 
 def _swap_scheduler(pipe, name: str):

@@ -113,8 +113,15 @@ def extend_clip_positions(model, length: int):
 # ---------------------------------------------------------------- the folder
 
 
-def _text_note(model_type: str, trained_len: int, positions: tuple[int, int] | None) -> str:
+def _text_note(model_type: str, trained_len: int, positions: tuple[int, int] | None, chunks: int | None = None) -> str:
     default = pipeline_default("max_sequence_length")
+    if chunks:
+        body = trained_len // chunks - 2
+        return (f"Training encoded captions in up to {chunks} chunks of {body} tokens, each with its own start and end "
+                f"token (text_encoder.long_captions=chunks). Prompts of up to {body} tokens give the same features in "
+                f"the plain call; longer ones are encoded there in one pass over position rows that were never "
+                f"trained. For the training's encoding, use t2i_recap: `generate_from_settings` (below) encodes "
+                f"in chunks, or pass prompt_embeds from `t2i_recap.long_text.encode_chunks`.")
     if positions:
         n, extended = positions
         return (f"CLIP has {n} positions and the pipeline's default max_sequence_length is {default}, so the "
@@ -140,13 +147,15 @@ def usage(settings: dict) -> list[str]:
              f"image = {call}.images[0]  # {res}x{res}", "```", ""]
     if settings["diffusers_call_reason"]:
         lines += [f"`use_resolution_binning=False` is needed: {settings['diffusers_call_reason']}.", ""]
+    chunks = settings.get("text_chunks")
+    plain_len = settings["max_sequence_length"] // chunks if chunks else settings["max_sequence_length"]  # one chunk
     lines += [
         f"That call uses diffusers' defaults ({pipeline_default('num_inference_steps')} steps, guidance "
         f"{pipeline_default('guidance_scale')}). The settings this model was validated with (t2i_recap.json):", "",
         "```python",
         f"image = pipe({PROMPT!r}, num_inference_steps={settings['num_inference_steps']}, "
         f"guidance_scale={settings['guidance_scale']}, height={res}, width={res}, "
-        f"max_sequence_length={settings['max_sequence_length']}, use_resolution_binning=False, "
+        f"max_sequence_length={plain_len}, use_resolution_binning=False, "
         "clean_caption=False).images[0]", "```", "",
         "or, with t2i-recap installed, `pipe, settings = t2i_recap.generation.load_pipeline('THIS_FOLDER')` and "
         f"`generate_from_settings(pipe, settings, [{PROMPT!r}], [0])`.", "",
@@ -244,7 +253,8 @@ def export(run_dir: str | Path, out: str | Path, *, checkpoint: str = "latest", 
             "model": cfg.model.name, "step": ck["state"]["step"], "weights": weights, "caption_p": cfg.mixing.p,
             "text_encoder": cfg.text_encoder.name_or_path, "vae": cfg.features.vae, "dtype": "float32",
             "text_encoder_positions": positions and positions[1], "diffusers_call": call, "diffusers_call_reason": reason,
-            "text_note": _text_note(text.model_type, text.max_length, positions),
+            "text_chunks": text.chunks,
+            "text_note": _text_note(text.model_type, text.max_length, positions, text.chunks),
         }
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / "t2i_recap.json").write_text(json.dumps(settings, indent=2))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, CLIPTextModel, T5EncoderModel
@@ -18,6 +19,7 @@ from transformers import AutoConfig, AutoTokenizer, CLIPTextModel, T5EncoderMode
 from t2i_recap.identity import model_digest
 from t2i_recap.io import check_model_source
 from t2i_recap.logging_utils import get_logger
+from t2i_recap.long_text import encode_chunks
 
 log = get_logger(__name__)
 
@@ -37,15 +39,26 @@ class TextEncoderConfig:
     revision: str | None = None
     """Hub revision (branch, tag or commit) to pin."""
     max_length: int | None = None
-    """Tokens per caption; None = 77 for CLIP (its position table), 120 for T5 (PixArt-alpha)."""
+    """Tokens per caption (per chunk with long_captions=chunks); None = 77 for CLIP (its position table),
+    120 for T5 (PixArt-alpha)."""
     dtype: str = "float32"
     """dtype of the frozen encoder: float32, bfloat16 or float16."""
+    long_captions: Literal["truncate", "chunks"] = "truncate"
+    """CLIP only: `truncate` cuts captions at max_length tokens; `chunks` encodes up to `max_chunks` chunks
+    of max_length - 2 tokens each, as kohya-ss/sd-scripts and OneTrainer do (t2i_recap/long_text.py).
+    Captions cut either way are counted. T5 has relative positions: raise max_length instead."""
+    max_chunks: int = 3
+    """Chunks per caption with long_captions=chunks: 3 x 75 = 225 caption tokens for CLIP."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if self.long_captions not in ("truncate", "chunks"):
+            raise ValueError(f"long_captions must be truncate or chunks, got {self.long_captions!r}")
+        if self.max_chunks < 1:
+            raise ValueError(f"max_chunks must be >= 1, got {self.max_chunks}")
 
 
 def _local_digest(path: Path) -> str:
@@ -83,10 +96,16 @@ class TextEncoder:
         self.model.requires_grad_(False)
         tsub = {"subfolder": cfg.tokenizer_subfolder} if cfg.tokenizer_subfolder else {}
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, **tsub, **kw)
-        self.max_length = cfg.max_length or default_len
-        if model_type in _CLIP_TYPES and self.max_length > self.model.config.max_position_embeddings:
-            raise ValueError(f"text_encoder.max_length={self.max_length} exceeds CLIP's "
+        self.chunk_length = cfg.max_length or default_len
+        if model_type in _CLIP_TYPES and self.chunk_length > self.model.config.max_position_embeddings:
+            raise ValueError(f"text_encoder.max_length={self.chunk_length} exceeds CLIP's "
                              f"{self.model.config.max_position_embeddings} positions")
+        self.chunks = cfg.max_chunks if cfg.long_captions == "chunks" else None
+        if self.chunks and model_type not in _CLIP_TYPES:
+            raise ValueError(f"text_encoder.long_captions=chunks is for CLIP; {cfg.name_or_path!r} is {model_type}, "
+                             "whose relative positions take longer captions through text_encoder.max_length")
+        self.max_length = self.chunk_length * (self.chunks or 1)
+        """Rows of the encoded caption: what the DiT's cross-attention sees."""
 
     @property
     def hidden_size(self) -> int:
@@ -97,15 +116,22 @@ class TextEncoder:
         return self.model.device
 
     def identity(self) -> dict:
-        return {**model_identity(self.cfg.name_or_path, self.cfg.subfolder, self.cfg.revision),
-                "max_length": self.max_length, "dtype": self.cfg.dtype, "model_type": self.model_type}
+        out = {**model_identity(self.cfg.name_or_path, self.cfg.subfolder, self.cfg.revision),
+               "max_length": self.max_length, "dtype": self.cfg.dtype, "model_type": self.model_type}
+        if self.chunks:  # only then: caches built before the option existed keep their fingerprint
+            out.update(chunks=self.chunks, chunk_length=self.chunk_length)
+        return out
 
     def token_counts(self, texts: list[str]) -> list[int]:
         return [len(ids) for ids in self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, L, D) float embeddings, (B, L) int64 mask, (B,) bool: was the caption cut at L tokens."""
+        """(B, L, D) float embeddings, (B, L) int64 mask, (B,) bool: was the caption cut (at L tokens,
+        or with chunks at max_chunks x (max_length - 2) caption tokens)."""
+        if self.chunks:
+            emb, mask, truncated = encode_chunks(self.tokenizer, self.model, texts, self.chunks, self.chunk_length)
+            return emb.float(), mask.long(), truncated
         tok = self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,
                              return_tensors="pt")
         ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)

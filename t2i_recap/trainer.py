@@ -436,7 +436,8 @@ class Trainer:
             seeds = [s for s in v.seeds for _ in v.prompts]
             images = generate_images(pipe, prompts, seeds, num_inference_steps=v.num_inference_steps,
                                      guidance_scale=v.guidance_scale, resolution=self.cfg.data.resolution,
-                                     max_sequence_length=self.encoder.text.max_length, batch_size=v.batch_size)
+                                     max_sequence_length=self.encoder.text.max_length, batch_size=v.batch_size,
+                                     text_chunks=self.encoder.text.chunks)
         fsdp.reshard(model)  # under FSDP, drop the EMA weights the root module kept gathered
         model.train()
         return images
