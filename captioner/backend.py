@@ -87,6 +87,17 @@ def _load_model(model: str, dtype: torch.dtype, attn: str | None, trust_remote_c
     raise ValueError(f"{model}: no transformers auto class loads this model as image-text-to-text:\n" + "\n".join(errors))
 
 
+KVCache = Literal["dynamic", "static"]
+KV_CACHES = ("dynamic", "static")
+"""transformers' cache layouts: `dynamic` grows each layer's K/V by concatenation every decode step;
+`static` (StaticCache) preallocates prompt + max_new_tokens positions once and writes in place."""
+
+
+def _check_chat_template(processor, model_id: str) -> None:
+    if getattr(processor, "chat_template", None) is None:
+        raise ValueError(f"{model_id}: the processor has no chat template; add one (chat_template.jinja)")
+
+
 class TransformersBackend:
     """Batched greedy captioning with a transformers vision-language model.
 
@@ -97,21 +108,40 @@ class TransformersBackend:
     name = "transformers"
 
     def __init__(self, model: str, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                 trust_remote_code: bool = False, attn_implementation: str | None = "sdpa") -> None:
+                 trust_remote_code: bool = False, attn_implementation: str | None = "sdpa",
+                 kv_cache: KVCache = "dynamic") -> None:
         from transformers import AutoProcessor
 
-        self.model_id = check_model_source(model, "captioner model")  # names a missing folder
-        self.device = torch.device(device) if device is not None else default_device()
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.processor = AutoProcessor.from_pretrained(self.model_id, trust_remote_code=trust_remote_code)
-        if getattr(self.processor, "chat_template", None) is None:
-            raise ValueError(f"{self.model_id}: the processor has no chat template; add one (chat_template.jinja)")
-        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        model_id = check_model_source(model, "captioner model")  # names a missing folder
+        device = torch.device(device) if device is not None else default_device()
+        dtype = resolve_dtype(dtype, device)
+        processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+        _check_chat_template(processor, model_id)
+        loaded = _load_model(model_id, dtype, attn_implementation, trust_remote_code)
+        self._setup(loaded, processor, model_id, device, dtype, kv_cache)
+
+    @classmethod
+    def from_model(cls, model, processor, *, model_id: str | None = None, kv_cache: KVCache = "dynamic"
+                   ) -> "TransformersBackend":
+        """A backend around a model already in memory (built on the GPU, not saved and reloaded): its
+        device and dtype are the model's. `model_id` names it in sidecar provenance."""
+        _check_chat_template(processor, model_id or type(model).__name__)
+        param = next(model.parameters())
+        self = cls.__new__(cls)
+        self._setup(model, processor, model_id or getattr(model.config, "_name_or_path", "") or type(model).__name__,
+                    param.device, param.dtype, kv_cache)
+        return self
+
+    def _setup(self, model, processor, model_id: str, device: torch.device, dtype: torch.dtype, kv_cache: str) -> None:
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache must be one of {list(KV_CACHES)}, got {kv_cache!r}")
+        self.model_id, self.device, self.dtype, self.kv_cache = model_id, device, dtype, kv_cache
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:  # LLaMA-3 ships without one; masked positions never matter
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = _load_model(self.model_id, self.dtype, attn_implementation, trust_remote_code)
-        self.model.to(self.device).eval()
+        self.model = model.to(device).eval()
         self.stop_ids = self._stop_ids()
         # Decoding runs while the next batch is tokenised in another thread; a fast tokenizer must not
         # be used from two threads at once ("Already borrowed"), so decoding gets its own copy.
@@ -138,6 +168,7 @@ class TransformersBackend:
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
             "attn_implementation": getattr(cfg, "_attn_implementation", None),
+            "kv_cache": self.kv_cache,
         }
 
     def prepare(self, images: list[Image.Image], prompts: list[str]) -> dict:
@@ -175,9 +206,10 @@ class TransformersBackend:
     def generate(self, prepared: dict, max_new_tokens: int = 128, min_new_tokens: int = 0) -> list[Generation]:
         """Generate for a batch from `prepare`."""
         inputs = self._to_device(prepared)
+        cache = {"cache_implementation": "static"} if self.kv_cache == "static" else {}
         out = self.model.generate(
             **inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None, do_sample=False, num_beams=1,
-            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=sorted(self.stop_ids),
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=sorted(self.stop_ids), **cache,
         )
         new_tokens = out[:, inputs["input_ids"].shape[1]:].tolist()
         return [self._generation(row, max_new_tokens) for row in new_tokens]

@@ -72,6 +72,9 @@ class CaptionRunConfig:
     """Torch device; default cuda:LOCAL_RANK when a GPU exists, else cpu."""
     attn_implementation: str | None = "sdpa"
     """Attention kernel; falls back to the model's default where SDPA is unsupported."""
+    kv_cache: Literal["dynamic", "static"] = "dynamic"
+    """KV cache layout: static preallocates prompt + max_new_tokens positions once (no per-step concatenation);
+    greedy tokens are the same either way."""
     trust_remote_code: bool = False
     """Run code shipped with the checkpoint (off unless asked)."""
     prefetch_batches: int = 2
@@ -368,7 +371,8 @@ def caption_run(cfg: CaptionRunConfig, dist: Dist | None = None, backend=None) -
         cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
         device = cfg.device or ("cpu" if cpu else str(default_device(dist.local_rank)))
         backend = make_backend(cfg.backend, cfg.model, device=device, dtype=cfg.dtype,
-                               trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+                               trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
+                               kv_cache=cfg.kv_cache)
     worker = ShardCaptioner(backend, cfg)
     claims = Claims(out, cfg.claims)
     summary.update(shards_done_elsewhere=0, shards_lost=[], interrupted=None, claim_owner=claims.owner.describe())
