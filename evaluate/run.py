@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from t2i_recap.config import load_config, save_config
+from t2i_recap.cli_config import add_config_arguments, config_from_args
+from t2i_recap.config import ConfigError, save_config
 from t2i_recap.io import atomic_write_text
 from t2i_recap.logging_utils import get_logger, setup_logging
 
@@ -233,44 +234,28 @@ def _torch_dtype(name: str):
     return getattr(torch, name)
 
 
-_FLAGS = {  # CLI flag -> (EvalConfig field, type)
-    "--model": ("model", str), "--suite": ("suite", str), "--out": ("out", str),
-    "--images-per-prompt": ("images_per_prompt", int), "--steps": ("steps", int),
-    "--guidance": ("guidance", float), "--seed": ("seed", int), "--batch-size": ("batch_size", int),
-    "--scheduler": ("scheduler", str), "--per-category": ("per_category", int),
-    "--clip": ("clip", str), "--vqa-model": ("vqa_model", str), "--reference": ("reference", str),
-    "--inception-weights": ("inception_weights", str), "--recaption": ("recaption", str),
-    "--device": ("device", str), "--max-reference": ("max_reference", int),
+FLAGS = {  # public flag -> EvalConfig field; every other field through --config / --set
+    "--model": "model", "--suite": "suite", "--out": "out", "--images-per-prompt": "images_per_prompt",
+    "--steps": "steps", "--guidance": "guidance", "--seed": "seed", "--batch-size": "batch_size",
+    "--scheduler": "scheduler", "--per-category": "per_category", "--clip": "clip", "--vqa-model": "vqa_model",
+    "--reference": "reference", "--inception-weights": "inception_weights", "--recaption": "recaption",
+    "--device": "device", "--max-reference": "max_reference",
 }
+REQUIRED = ("--model", "--out")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="t2i-recap eval run", description=__doc__.split("\n\n")[0])
+    add_config_arguments(ap, EvalConfig, FLAGS, required=REQUIRED)
+    return ap
 
 
 def parse_args(argv: list[str] | None) -> EvalConfig:
-    ap = argparse.ArgumentParser(prog="t2i-recap eval run", description=__doc__.split("\n\n")[0])
-    for flag, (field, tp) in _FLAGS.items():
-        ap.add_argument(flag, dest=field, type=tp, default=None,
-                        help=_field_doc(field))
-    ap.add_argument("--config", help="YAML file with EvalConfig fields (flags override it)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any EvalConfig field")
-    args = ap.parse_args(argv)
-    overrides = list(args.set)
-    for field, _ in _FLAGS.values():
-        value = getattr(args, field)
-        if value is not None:
-            overrides.append(f"{field}={json.dumps(value)}")
-    return load_config(EvalConfig, args.config, overrides)
-
-
-def _field_doc(name: str) -> str:
-    import ast
-    import inspect
-
-    source = inspect.getsource(EvalConfig)
-    tree = ast.parse(source)
-    body = tree.body[0].body
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and node.target.id == name and isinstance(nxt, ast.Expr):
-            return str(nxt.value.value)
-    return ""
+    parser = build_parser()
+    try:
+        return config_from_args(EvalConfig, parser.parse_args(argv))
+    except ConfigError as exc:
+        parser.error(str(exc))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,6 +114,19 @@ def _build(cls: type[T], data: dict, where: str) -> T:
         raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
 
 
+def check_keys(cls: type, data: dict, source: str = "<dict>", where: str = "") -> None:
+    """Raise the ConfigError `from_dict` would for the first unknown key, without building anything."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key, value in data.items():
+        dotted = f"{where}.{key}".lstrip(".")
+        if key not in fields:
+            raise ConfigError(f"{source}: {dotted}: unknown key (known keys: {', '.join(sorted(fields))})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            check_keys(tp, value, source, dotted)
+
+
 def from_dict(cls: type[T], data: dict | None, source: str = "<dict>") -> T:
     """Build dataclass `cls` from a (possibly partial) mapping; errors name `source` and the key."""
     try:
@@ -168,11 +181,12 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Defaults of `cls`, overridden by the YAML file at `path`, then by `--set` strings.
+def layered_data(cls: type, path: str | Path | None = None, overrides: list[str] | None = None,
+                 flags: dict[str, Any] | None = None) -> tuple[dict, str]:
+    """The mapping `load_config` builds `cls` from, and a name for it that errors quote.
 
-    `path` is a file or a shipped recipe's name (`recap_dit_b4_clip`), found by
-    `config_registry.resolve_config` in the folder of `cls`'s kind."""
+    Layers, later ones winning: the YAML file at `path`, the `--set` strings, then `flags`
+    (dotted key -> value, the command's explicit flags, already typed)."""
     data: dict = {}
     if path is not None:
         try:
@@ -182,11 +196,31 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         data = load_yaml(path)
         from_dict(cls, data, str(path))  # errors name the file before --set mixes in
     for text in overrides or []:
-        try:
-            data = _merge(data, parse_override(text))
-        except ConfigError:
-            raise
-    source = f"{path or '<defaults>'} with --set {' '.join(overrides)}" if overrides else str(path or "<defaults>")
+        data = _merge(data, parse_override(text))
+    for dotted, value in (flags or {}).items():
+        node: dict = {}
+        parts = dotted.split(".")
+        leaf = node
+        for part in parts[:-1]:
+            leaf = leaf.setdefault(part, {})
+        leaf[parts[-1]] = value
+        data = _merge(data, node)
+    source = str(path or "<defaults>")
+    if overrides:
+        source += f" with --set {' '.join(overrides)}"
+    if flags:
+        source += f" with flags {', '.join(f'{k}={v!r}' for k, v in flags.items())}"
+    return data, source
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                flags: dict[str, Any] | None = None) -> T:
+    """Defaults of `cls`, overridden by the YAML file at `path`, then by `--set` strings, then by
+    `flags` (dotted key -> value; see `layered_data`).
+
+    `path` is a file or a shipped recipe's name (`recap_dit_b4_clip`), found by
+    `config_registry.resolve_config` in the folder of `cls`'s kind."""
+    data, source = layered_data(cls, path, overrides, flags)
     return from_dict(cls, data, source)
 
 

@@ -14,22 +14,30 @@ import os
 import sys
 
 from t2i_recap.claims import ClaimConfig, Claims
-from t2i_recap.config import ConfigError, load_config
+from t2i_recap.cli_config import add_config_arguments, add_options, config_from_args, options_from_args
+from t2i_recap.config import ConfigError
 from t2i_recap.logging_utils import setup_logging
+from t2i_recap.train_config import TrainConfig
+
+
+FLAGS: dict[str, str] = {}  # every TrainConfig field through --config / --set
+OPTIONS = {"--claim-heartbeat-s": "heartbeat_s", "--claim-stale-s": "stale_s"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="t2i-recap prepare", description=__doc__.splitlines()[0])
+    add_config_arguments(p, TrainConfig, FLAGS, config_required=True,
+                         config_help="the training YAML or recipe name (its data, text_encoder and features sections)")
+    add_options(p, ClaimConfig, OPTIONS)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="t2i-recap prepare", description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="the training YAML (its data, text_encoder and features sections)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
-    p.add_argument("--claim-heartbeat-s", type=float, default=ClaimConfig.heartbeat_s,
-                   help="seconds between heartbeats of a held shard claim")
-    p.add_argument("--claim-stale-s", type=float, default=None,
-                   help="a claim without a heartbeat this long is taken over (default 10x the heartbeat)")
+    p = build_parser()
     args = p.parse_args(argv)
     try:
-        claim_cfg = ClaimConfig(args.claim_heartbeat_s, args.claim_stale_s)
-    except ValueError as exc:
+        claim_cfg = options_from_args(ClaimConfig, args)
+    except ConfigError as exc:
         p.error(str(exc))
     setup_logging()
     import torch
@@ -38,9 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     from t2i_recap.caption_specs import CaptionSpecError
     from t2i_recap.data import build_source
     from t2i_recap.sidecar_join import RecaptionCoverageError, SidecarMismatchError
-    from t2i_recap.train_config import TrainConfig
 
-    cfg = load_config(TrainConfig, args.config, args.set)
+    cfg = config_from_args(TrainConfig, args)
     if not cfg.features.cache_dir:
         raise ConfigError(f"{args.config}: features.cache_dir is not set; nothing to prepare")
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

@@ -3,24 +3,42 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
-from t2i_recap.config import load_config
+from t2i_recap.cli_config import add_config_arguments, add_options, config_from_args, options_from_args
 from t2i_recap.logging_utils import setup_logging
+from t2i_recap.train_config import TrainConfig
+
+
+@dataclasses.dataclass
+class TrainOptions:
+    """How one `t2i-recap train` call starts (not part of the saved run config)."""
+
+    resume: str | None = None
+    """latest: continue from the newest checkpoint of the run folder (one must exist); auto: the same, or
+    start fresh when there is none (for requeue scripts); DIR: a checkpoint folder."""
+    resume_allow_changes: str | None = None
+    """Resume although these config keys (comma-separated, e.g. objective.name,trainer.batch_size; a section
+    name covers its keys) differ from the checkpoint's; 'all' allows any change."""
+
+    def allowed_changes(self) -> bool | list[str] | None:
+        if self.resume_allow_changes is None:
+            return None
+        text = self.resume_allow_changes.strip()
+        return True if text == "all" else [k.strip() for k in text.split(",") if k.strip()]
+
+
+FLAGS: dict[str, str] = {}  # every TrainConfig field through --config / --set
+OPTIONS = {"--resume": "resume", "--resume-allow-changes": "resume_allow_changes"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="t2i-recap train", description="Train a text-to-image DiT (see configs/train/).")
-    p.add_argument("--config", required=True, help="a shipped recipe name (e.g. recap_dit_b4_clip) or a YAML path")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value, e.g. --set mixing.p=0.2 (repeatable)")
-    p.add_argument("--resume", default=None, metavar="latest|auto|DIR",
-                   help="latest: continue from the newest checkpoint of the run folder (one must exist); auto: the "
-                        "same, or start fresh when there is none (for requeue scripts); DIR: a checkpoint folder")
-    p.add_argument("--resume-allow-changes", default=None, metavar="KEYS|all",
-                   help="resume although these config keys (comma-separated, e.g. objective.name,trainer.batch_size; "
-                        "a section name covers its keys) differ from the checkpoint's; 'all' allows any change")
+    add_config_arguments(p, TrainConfig, FLAGS, config_required=True,
+                         config_help="a shipped recipe name (e.g. recap_dit_b4_clip) or a YAML path")
+    add_options(p, TrainOptions, OPTIONS)
     return p
 
 
@@ -28,17 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     from t2i_recap.caption_specs import CaptionSpecError
-    from t2i_recap.train_config import TrainConfig
     from t2i_recap.sidecar_join import RecaptionCoverageError, SidecarMismatchError
     from t2i_recap.checkpoint import ResumeConfigError
     from t2i_recap.trainer import PREEMPTED_EXIT_CODE, NonFiniteLossError, Preempted, train
 
-    cfg = load_config(TrainConfig, args.config, args.set)
-    allow = args.resume_allow_changes
-    if allow is not None:
-        allow = True if allow.strip() == "all" else [k.strip() for k in allow.split(",") if k.strip()]
+    cfg = config_from_args(TrainConfig, args)
+    opts = options_from_args(TrainOptions, args)
     try:
-        summary = train(cfg, resume=args.resume, allow_changes=allow)
+        summary = train(cfg, resume=opts.resume, allow_changes=opts.allowed_changes())
     except Preempted as exc:  # SIGTERM/SIGINT: checkpoint saved; a requeue continues with --resume auto
         print(f"t2i-recap train: {exc}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE

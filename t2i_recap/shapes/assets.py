@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from t2i_recap.config import ConfigError, load_config, to_dict
+from t2i_recap.cli_config import add_config_arguments, add_options, config_from_args, options_from_args
+from t2i_recap.config import ConfigError, to_dict
 from t2i_recap.io import atomic_write_text, output_dir
 from t2i_recap.logging_utils import get_logger, setup_logging
 from t2i_recap.shapes.train_clip import ClipTrainConfig
@@ -381,31 +382,42 @@ def format_quality(manifest: dict, cfg: AssetsConfig) -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
+@dataclasses.dataclass
+class AssetsOptions:
+    """How one `t2i-recap shapes assets` call builds (not part of the assets' fingerprint)."""
+
+    out: str = ""
+    """Folder to write (reused when nothing changed)."""
+    force: bool = False
+    """Rebuild every part even if the cache matches."""
+    prebuilt: bool = True
+    """Copy the matching parts shipped with the package (`--no-prebuilt`: never; build what is missing, ~15 min)."""
+
+
+FLAGS = {"--seed": "seed"}
+OPTIONS = {"--out": "out", "--force": "force", "--no-prebuilt": "prebuilt"}
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="t2i-recap shapes assets", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="folder to write (reused when nothing changed)")
-    p.add_argument("--config", help="YAML overriding AssetsConfig (e.g. configs/assets/shapes.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one setting, e.g. --set clip.steps=500 (repeatable)")
-    p.add_argument("--seed", type=int, help="shorthand for --set seed=N")
-    p.add_argument("--force", action="store_true", help="rebuild every part even if the cache matches")
-    p.add_argument("--no-prebuilt", action="store_true",
-                   help="never copy the parts shipped with the package; build what is missing (~15 min)")
+    add_config_arguments(p, AssetsConfig, FLAGS,
+                         config_help="YAML overriding AssetsConfig (e.g. configs/assets/shapes.yaml)")
+    add_options(p, AssetsOptions, OPTIONS, required=("--out",))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     setup_logging()
-    overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
+    opts = options_from_args(AssetsOptions, args)
     try:
-        cfg = load_config(AssetsConfig, args.config, overrides)
+        cfg = config_from_args(AssetsConfig, args)
     except ConfigError as exc:
         print(f"t2i-recap shapes assets: {exc}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    out = build_assets(args.out, cfg, force=args.force, prebuilt=None if args.no_prebuilt else PREBUILT)
+    out = build_assets(opts.out, cfg, force=opts.force, prebuilt=PREBUILT if opts.prebuilt else None)
     manifest = read_manifest(out)
     print(f"shapes assets in {out} ({time.perf_counter() - start:.1f}s, fingerprint {manifest['fingerprint']})")
     print(format_quality(manifest, cfg))

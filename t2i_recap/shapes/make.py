@@ -21,6 +21,7 @@ import math
 import random
 import sys
 import tarfile
+import typing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from t2i_recap.cli_config import add_config_arguments, config_from_args
 from t2i_recap.io import atomic_path, atomic_write_text
 from t2i_recap.logging_utils import get_logger, setup_logging
 from t2i_recap.shapes.captions import gold_caption, web_caption
@@ -250,38 +252,60 @@ def _warn_extra_shards(out: Path, num_shards: int) -> None:
                     out, num_shards, extra[0])
 
 
+@dataclasses.dataclass
+class MakeConfig:
+    """What `t2i-recap shapes make` writes (its flags, or --config / --set)."""
+
+    out: str = ""
+    """Output folder for the shards."""
+    num: int | None = None
+    """Number of samples."""
+    seed: int = 0
+    """Base seed (default 0)."""
+    curated_fraction: float = 0.1
+    """Share of samples that also carry a gold dense caption (default 0.1)."""
+    gold_captions: int = 1
+    """Gold captions per curated sample, in other wordings (default 1; COCO has 5)."""
+    resolution: int = 32
+    """Image side in pixels (default 32)."""
+    shard_size: int = 1000
+    """Samples per shard (at most 10000)."""
+    image_format: typing.Literal["png", "jpg"] = "png"
+    """Image file format inside the tars."""
+    jpeg_quality: int = 95
+    """JPEG quality when the image format is jpg."""
+    split: str = "train"
+    """Split name; different splits of one seed hold different samples."""
+    workers: int = 1
+    """Processes writing shards in parallel."""
+    progress: bool = True
+    """A progress bar on stderr; `--no-progress` hides it."""
+
+
+FLAGS = {"--out": "out", "--num": "num", "--seed": "seed", "--curated-fraction": "curated_fraction",
+         "--gold-captions": "gold_captions", "--resolution": "resolution", "--shard-size": "shard_size",
+         "--image-format": "image_format", "--jpeg-quality": "jpeg_quality", "--split": "split",
+         "--workers": "workers", "--no-progress": "progress"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="t2i-recap shapes make",
                                 description="Write shapes-world shards in img2dataset's webdataset layout.")
-    p.add_argument("--out", required=True, type=Path, help="output folder for the shards")
-    p.add_argument("--num", required=True, type=int, help="number of samples")
-    p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
-    p.add_argument("--curated-fraction", type=float, default=0.1,
-                   help="share of samples that also carry a gold dense caption (default 0.1)")
-    p.add_argument("--gold-captions", type=int, default=1,
-                   help="gold captions per curated sample, in other wordings (default 1; COCO has 5)")
-    p.add_argument("--resolution", type=int, default=32, help="image side in pixels (default 32)")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (max 10000)")
-    p.add_argument("--image-format", choices=IMAGE_FORMATS, default="png")
-    p.add_argument("--jpeg-quality", type=int, default=95)
-    p.add_argument("--split", default="train",
-                   help="split name; different splits of one seed hold different samples")
-    p.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_config_arguments(p, MakeConfig, FLAGS, required=("--out", "--num"))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
     setup_logging()
     try:
-        summary = make_dataset(ns.out, ns.num, ns.seed, curated_fraction=ns.curated_fraction,
-                               resolution=ns.resolution, shard_size=ns.shard_size,
-                               image_format=ns.image_format, split=ns.split,
-                               jpeg_quality=ns.jpeg_quality, workers=ns.workers,
-                               progress=not ns.no_progress, gold_captions=ns.gold_captions)
-    except ValueError as exc:
+        cfg = config_from_args(MakeConfig, parser.parse_args(argv))
+        summary = make_dataset(cfg.out, cfg.num, cfg.seed, curated_fraction=cfg.curated_fraction,
+                               resolution=cfg.resolution, shard_size=cfg.shard_size,
+                               image_format=cfg.image_format, split=cfg.split,
+                               jpeg_quality=cfg.jpeg_quality, workers=cfg.workers,
+                               progress=cfg.progress, gold_captions=cfg.gold_captions)
+    except ValueError as exc:  # ConfigError included
         parser.error(str(exc))
     print(f"wrote {summary['num']} samples ({summary['curated']} curated) in {summary['shards']} shards to "
           f"{summary['out']} ({summary['skipped_shards']} already finished)", file=sys.stdout)
