@@ -11,14 +11,18 @@ OUT/README.md is a model card with the call, the config and the data provenance.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import sys
+import typing
 from pathlib import Path
 
 import torch
 import yaml
 
+from t2i_recap.cli_config import add_config_arguments, config_from_args
+from t2i_recap.config import ConfigError
 from t2i_recap.io import DiskFullError, RefusedOverwriteError, output_dir
 from t2i_recap.logging_utils import get_logger, setup_logging
 
@@ -266,17 +270,43 @@ def export(run_dir: str | Path, out: str | Path, *, checkpoint: str = "latest", 
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclasses.dataclass
+class ExportConfig:
+    """What `t2i-recap export` writes (its flags, or --config / --set)."""
+
+    run: str = ""
+    """Run folder (trainer.run_dir)."""
+    out: str = ""
+    """Output pipeline folder."""
+    checkpoint: str = "latest"
+    """'latest' or a checkpoint folder."""
+    weights: typing.Literal["ema", "model"] = "ema"
+    """EMA weights (default, when kept) or the raw model weights."""
+    num_inference_steps: int | None = None
+    """Default sampler steps recorded for users (default: the run's validation steps)."""
+    guidance_scale: float | None = None
+    """Default CFG scale recorded for users (default: the run's validation scale)."""
+    overwrite: bool = False
+    """Replace an earlier export at --out (only a folder t2i-recap export wrote)."""
+
+
+FLAGS = {"--run": "run", "--out": "out", "--checkpoint": "checkpoint", "--weights": "weights",
+         "--num-inference-steps": "num_inference_steps", "--guidance-scale": "guidance_scale",
+         "--overwrite": "overwrite"}
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="t2i-recap export", description="Export a run to a diffusers pipeline folder.")
-    p.add_argument("--run", required=True, help="run folder (trainer.run_dir)")
-    p.add_argument("--out", required=True, help="output pipeline folder")
-    p.add_argument("--checkpoint", default="latest", help="'latest' or a checkpoint folder")
-    p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA weights (default, when kept) or raw")
-    p.add_argument("--num-inference-steps", type=int, default=None, help="default sampler steps recorded for users")
-    p.add_argument("--guidance-scale", type=float, default=None, help="default CFG scale recorded for users")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier export at --out (only a folder t2i-recap export wrote)")
-    args = p.parse_args(argv)
+    add_config_arguments(p, ExportConfig, FLAGS, required=("--run", "--out"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    try:
+        args = config_from_args(ExportConfig, p.parse_args(argv))
+    except ConfigError as exc:
+        p.error(str(exc))
     setup_logging()
     try:
         out = export(args.run, args.out, checkpoint=args.checkpoint, weights=args.weights, overwrite=args.overwrite,

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from t2i_recap.cache import FeatureEncoder, FeaturesConfig, latents_from, model_identity
-from t2i_recap.config import ConfigError, load_config, save_config
+from t2i_recap.cli_config import add_config_arguments, add_options, config_from_args, options_from_args
+from t2i_recap.config import ConfigError, save_config
 from t2i_recap.data import DataConfig, build_source, make_loader
 from t2i_recap.io import output_dir
 from t2i_recap.logging_utils import get_logger, setup_logging
@@ -179,18 +180,38 @@ def train_lora(pipeline: str | Path, cfg: LoraRunConfig, out: str | Path, *, ove
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclasses.dataclass
+class LoraOptions:
+    """Where one `t2i-recap lora train` call reads and writes (not part of the saved lora_config.yaml)."""
+
+    pipeline: str = ""
+    """An exported pipeline folder (t2i-recap export --out)."""
+    out: str = ""
+    """Adapter output folder."""
+    overwrite: bool = False
+    """Replace an earlier adapter folder at --out."""
+
+
+FLAGS: dict[str, str] = {}  # every LoraRunConfig field through --config / --set
+OPTIONS = {"--pipeline": "pipeline", "--out": "out", "--overwrite": "overwrite"}
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="t2i-recap lora train",
                                 description="Train LoRA adapters on an exported pipeline's DiT (peft).")
-    p.add_argument("--pipeline", required=True, help="an exported pipeline folder (t2i-recap export --out)")
-    p.add_argument("--config", default=None, help="YAML with data, mixing, lora, lr, max_steps, batch_size, seed")
-    p.add_argument("--out", required=True, help="adapter output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier adapter folder at --out")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lora.rank=8")
-    args = p.parse_args(argv)
+    add_config_arguments(p, LoraRunConfig, FLAGS,
+                         config_help="YAML with data, mixing, lora, lr, max_steps, batch_size, seed")
+    add_options(p, LoraOptions, OPTIONS, required=("--pipeline", "--out"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    ns = p.parse_args(argv)
+    args = options_from_args(LoraOptions, ns)
     setup_logging()
     try:
-        cfg = load_config(LoraRunConfig, args.config, args.overrides)
+        cfg = config_from_args(LoraRunConfig, ns)
     except (ConfigError, ValueError) as exc:
         print(f"t2i-recap lora train: {exc}", file=sys.stderr)
         return 2
