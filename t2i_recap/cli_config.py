@@ -116,7 +116,7 @@ def _argparse_kwargs(flag: str, tp: Any, doc: str, positional: bool) -> dict:
         if positional:
             kwargs["nargs"] = "*"
         else:
-            kwargs["action"] = "append"
+            kwargs.update(action="append", help=f"{kwargs['help'] or ''} (repeatable)".strip())
         return kwargs
     kwargs["type"] = _scalar(flag, tp)
     if typing.get_origin(tp) is typing.Literal:
@@ -195,14 +195,15 @@ def _lookup(data: dict, dotted: str) -> Any:
     return node
 
 
-def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
-    """The config of `add_config_arguments`: defaults < --config < --set < explicit flags.
+def config_from_args(cls: type[T], args: argparse.Namespace, base: dict | None = None) -> T:
+    """The config of `add_config_arguments`: defaults < `base` < --config < --set < explicit flags.
 
-    Raises ConfigError naming the file, the key or the missing flag."""
+    `base` is a command's preset (the demo's --quick sizes). Raises ConfigError naming the file,
+    the key or the missing flag."""
     declared, table = getattr(args, _CONFIG_KEY, (None, []))
     if declared is not cls:
         raise TypeError(f"add_config_arguments was not called with {cls.__name__} on this parser")
-    data, source = layered_data(cls, args.config, list(args.set), _explicit(args, table))
+    data, source = layered_data(cls, args.config, list(args.set), _explicit(args, table), base)
     check_keys(cls, data, source)
     for f in table:
         if f.required and _lookup(data, f.dotted) in (None, "", []) and _field(cls, f.dotted)[2] in (None, "", []):

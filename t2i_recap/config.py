@@ -182,19 +182,21 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def layered_data(cls: type, path: str | Path | None = None, overrides: list[str] | None = None,
-                 flags: dict[str, Any] | None = None) -> tuple[dict, str]:
+                 flags: dict[str, Any] | None = None, base: dict | None = None) -> tuple[dict, str]:
     """The mapping `load_config` builds `cls` from, and a name for it that errors quote.
 
-    Layers, later ones winning: the YAML file at `path`, the `--set` strings, then `flags`
-    (dotted key -> value, the command's explicit flags, already typed)."""
-    data: dict = {}
+    Layers, later ones winning: `base` (a command's preset over the defaults, e.g. the demo's
+    --quick sizes), the YAML file at `path`, the `--set` strings, then `flags` (dotted key ->
+    value, the command's explicit flags, already typed)."""
+    data: dict = dict(base or {})
     if path is not None:
         try:
             path = resolve_config(path, kind_of(cls))
         except RecipeError as exc:
             raise ConfigError(str(exc)) from None
-        data = load_yaml(path)
-        from_dict(cls, data, str(path))  # errors name the file before --set mixes in
+        file_data = load_yaml(path)
+        from_dict(cls, file_data, str(path))  # errors name the file before --set mixes in
+        data = _merge(data, file_data)
     for text in overrides or []:
         data = _merge(data, parse_override(text))
     for dotted, value in (flags or {}).items():

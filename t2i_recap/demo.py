@@ -26,7 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from t2i_recap.config import from_dict, load_yaml, save_config
+from t2i_recap.cli_config import add_config_arguments, add_options, config_from_args, options_from_args
+from t2i_recap.config import ConfigError, from_dict, load_yaml, save_config
 from t2i_recap.logging_utils import get_logger, setup_logging
 from t2i_recap.stages import Stage, StageRunner
 
@@ -323,24 +324,36 @@ def summarize(out: Path, metric: str = "oracle_geneval") -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="t2i-recap demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/demo", help="output folder (rerun to resume)")
-    parser.add_argument("--quick", action="store_true", help="a smoke-sized run (a few minutes)")
-    parser.add_argument("--p", type=float, action="append", dest="p_values",
-                        help="caption-mixing ratio to train (repeatable; default 1.0 and 0.0)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a DemoConfig field, e.g. --set train_steps=2000")
-    args = parser.parse_args(argv)
-    setup_logging()
-    from t2i_recap.config import parse_override
+@dataclasses.dataclass
+class DemoOptions:
+    """Where one `t2i-recap demo` call writes, and at what size (not part of demo_config.yaml)."""
 
-    data: dict = dict(QUICK) if args.quick else {}
-    for item in args.set:
-        data.update(parse_override(item))
-    if args.p_values:
-        data["p_values"] = args.p_values
-    cfg = from_dict(DemoConfig, data, "demo flags")
+    out: str = "runs/demo"
+    """Output folder (rerun to resume)."""
+    quick: bool = False
+    """A smoke-sized run (a few minutes): the QUICK sizes, under --config / --set."""
+
+
+FLAGS = {"--p": "p_values"}
+OPTIONS = {"--out": "out", "--quick": "quick"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="t2i-recap demo", description=__doc__.split("\n")[0])
+    add_config_arguments(parser, DemoConfig, FLAGS)
+    add_options(parser, DemoOptions, OPTIONS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    args = options_from_args(DemoOptions, ns)
+    setup_logging()
+    try:
+        cfg = config_from_args(DemoConfig, ns, base=dict(QUICK) if args.quick else None)
+    except ConfigError as exc:
+        parser.error(str(exc))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "demo_config.yaml")

@@ -28,7 +28,8 @@ from accelerate.utils import gather_object
 from t2i_recap.checkpoint import Checkpointer, rng_state, set_rng_state
 from t2i_recap.clip.config import ClipTrainConfig
 from t2i_recap.clip.model import build_model, build_processor, load_tokenizer
-from t2i_recap.config import load_config, save_config, to_dict
+from t2i_recap.cli_config import add_config_arguments, add_options, config_from_args, options_from_args
+from t2i_recap.config import save_config, to_dict
 from t2i_recap.data import build_source, make_loader
 from t2i_recap.io import atomic_write_text
 from t2i_recap.logging_utils import get_logger, setup_logging
@@ -172,14 +173,31 @@ def train(cfg: ClipTrainConfig, resume: str | None = None) -> dict:
     return ClipTrainer(cfg, resume).fit()
 
 
+@dataclasses.dataclass
+class ClipTrainOptions:
+    """How one `t2i-recap clip train` call starts (not part of the saved run config)."""
+
+    resume: str | None = None
+    """"latest" or a checkpoint folder."""
+
+
+FLAGS: dict[str, str] = {}  # every ClipTrainConfig field through --config / --set
+OPTIONS = {"--resume": "resume"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="t2i-recap clip train", description=__doc__.split("\n")[0])
+    add_config_arguments(ap, ClipTrainConfig, FLAGS, config_required=True,
+                         config_help="YAML recipe (e.g. configs/clip/shapes_tiny.yaml) or its name")
+    add_options(ap, ClipTrainOptions, OPTIONS)
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    ap = argparse.ArgumentParser(prog="t2i-recap clip train", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", required=True, help="YAML recipe (e.g. configs/clip/shapes_tiny.yaml)")
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
-    ap.add_argument("--resume", default=None, help='"latest" or a checkpoint folder')
-    args = ap.parse_args(argv)
-    summary = train(load_config(ClipTrainConfig, args.config, args.set), args.resume)
+    args = build_parser().parse_args(argv)
+    opts = options_from_args(ClipTrainOptions, args)
+    summary = train(config_from_args(ClipTrainConfig, args), opts.resume)
     log.info("trained %d steps; export: %s", summary["step"], summary.get("export"))
     return 0
 
