@@ -17,12 +17,16 @@ exactly one target tensor, and conversion fails if any is left over or missing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 from pathlib import Path
 
 import torch
 
+from t2i_recap.cli_config import add_config_arguments, config_from_args
+from t2i_recap.config import ConfigError
 from t2i_recap.io import atomic_write_text
 from t2i_recap.logging_utils import get_logger, setup_logging
 
@@ -283,21 +287,41 @@ def convert(src: str | Path, out: str | Path, *, vision_tower: str | None = None
     return report
 
 
+@dataclasses.dataclass
+class ConvertConfig:
+    """What `t2i-recap caption convert` converts (its flags, or --config / --set)."""
+
+    src: str = ""
+    """Original checkpoint folder (config.json with mm_* keys + weights)."""
+    out: str = ""
+    """Output folder (LlavaForConditionalGeneration + LlavaProcessor)."""
+    vision_tower: str | None = None
+    """CLIP folder or hub id; default: the config's mm_vision_tower."""
+    tokenizer: str | None = None
+    """Tokenizer folder or id; default: the source folder."""
+    chat_template: typing.Literal["auto", "llama_3", "vicuna_v1"] = "auto"  # "auto" + chat_templates.TEMPLATES
+    """Conversation format; auto picks llama_3 for LLaMA-3 tokenizers, else vicuna_v1."""
+    system_prompt: str | None = None
+    """System prompt of the chat template (default: the format's own)."""
+
+
+FLAGS = {"--src": "src", "--out": "out", "--vision-tower": "vision_tower", "--tokenizer": "tokenizer",
+         "--chat-template": "chat_template", "--system-prompt": "system_prompt"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="t2i-recap caption convert",
                                 description="convert an original-LLaVA (llava_llama) checkpoint to transformers")
-    p.add_argument("--src", required=True, help="original checkpoint folder (config.json with mm_* keys + weights)")
-    p.add_argument("--out", required=True, help="output folder (LlavaForConditionalGeneration + LlavaProcessor)")
-    p.add_argument("--vision-tower", help="CLIP folder or hub id; default: the config's mm_vision_tower")
-    p.add_argument("--tokenizer", help="tokenizer folder or id; default: the source folder")
-    p.add_argument("--chat-template", default="auto", choices=["auto", *sorted(TEMPLATES)],
-                   help="conversation format; auto picks llama_3 for LLaMA-3 tokenizers, else vicuna_v1")
-    p.add_argument("--system-prompt", help="system prompt of the chat template (default: the format's own)")
+    add_config_arguments(p, ConvertConfig, FLAGS, required=("--src", "--out"))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args = config_from_args(ConvertConfig, parser.parse_args(argv))
+    except ConfigError as exc:
+        parser.error(str(exc))
     setup_logging()
     try:
         report = convert(args.src, args.out, vision_tower=args.vision_tower, tokenizer=args.tokenizer,

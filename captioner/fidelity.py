@@ -22,6 +22,7 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from t2i_recap.cli_config import add_config_arguments, config_from_args
 from t2i_recap.io import atomic_write_text, expand_shards
 from t2i_recap.logging_utils import get_logger, setup_logging
 from t2i_recap.shapes.parser import parse_caption
@@ -238,20 +239,61 @@ def caption_with_model(model_dir: str, images: dict, batch_size: int = 32, max_n
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclasses.dataclass
+class FidelityConfig:
+    """What `t2i-recap caption fidelity` scores (its flags, or --config / --set)."""
+
+    shards: str = ""
+    """Shapes-world shards (truth: the json's scene)."""
+    out: str = ""
+    """Output folder for fidelity.json / .md / samples.jsonl."""
+    model: str | None = None
+    """Captioner folder: caption the images now (greedy). One of model, sidecars, caption_field."""
+    sidecars: str | None = None
+    """Recaption sidecars (parquet) to score."""
+    caption_field: str | None = None
+    """Score a caption stored in the shard json, e.g. gold_caption."""
+    min_objects: int = 1
+    """Score scenes with at least this many objects."""
+    max_objects: int = 4
+    """Score scenes with at most this many objects."""
+    limit: int | None = None
+    """Score at most this many scenes."""
+    batch_size: int = 32
+    """Images per captioning batch (with model)."""
+    max_new_tokens: int = 128
+    """Captioner token cap (with model)."""
+
+    def __post_init__(self) -> None:
+        if self.min_objects < 1 or self.max_objects < self.min_objects:
+            raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects} and {self.max_objects}")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("batch_size and max_new_tokens must be >= 1")
+
+    def check_source(self) -> None:
+        given = [name for name in ("model", "sidecars", "caption_field") if getattr(self, name)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of --model, --sidecars, --caption-field (got {given or 'none'})")
+
+
+FLAGS = {"--shards": "shards", "--model": "model", "--sidecars": "sidecars", "--caption-field": "caption_field",
+         "--out": "out", "--min-objects": "min_objects", "--max-objects": "max_objects", "--limit": "limit",
+         "--batch-size": "batch_size", "--max-new-tokens": "max_new_tokens"}
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t2i-recap caption fidelity", description=__doc__.split("\n")[0])
-    parser.add_argument("--shards", required=True, help="shapes-world shards (truth: the json's scene)")
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="captioner folder: caption the images now (greedy)")
-    src.add_argument("--sidecars", help="recaption sidecars (parquet) to score")
-    src.add_argument("--caption-field", help="score a caption stored in the shard json, e.g. gold_caption")
-    parser.add_argument("--out", required=True, help="output folder for fidelity.json / .md / samples.jsonl")
-    parser.add_argument("--min-objects", type=int, default=1)
-    parser.add_argument("--max-objects", type=int, default=4)
-    parser.add_argument("--limit", type=int, default=None, help="score at most this many scenes")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    args = parser.parse_args(argv)
+    add_config_arguments(parser, FidelityConfig, FLAGS, required=("--shards", "--out"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = config_from_args(FidelityConfig, parser.parse_args(argv))
+        args.check_source()
+    except ValueError as exc:  # ConfigError included
+        parser.error(str(exc))
     setup_logging()
     truths, images, skipped = read_truth(args.shards, args.min_objects, args.max_objects, args.limit)
     if not truths:
