@@ -159,6 +159,17 @@ HARMLESS_CHANGES = ("trainer.max_steps", "trainer.log_every", "trainer.run_dir",
                     "trainer.allow_tf32", "trainer.log_with", "validation", "checkpoint", "data.num_workers")
 
 
+HOLDOUT_KEY = "validation.holdout_shards"
+
+
+def _held_out_shards(cfg: dict) -> int | None:
+    """How many of data.shards the validation loss keeps out of training (None: none)."""
+    v = cfg.get("validation") or {}
+    if v.get("loss_every_steps", -1) < 0 or v.get("loss_shards"):
+        return None
+    return v.get("holdout_shards", 1)
+
+
 class ResumeConfigError(ValueError):
     """The config to resume with differs from the checkpoint's in keys that break exact resumption."""
 
@@ -197,6 +208,11 @@ def check_resume_config(saved: dict | None, new: dict, allow: bool | list[str] |
     changes = config_changes(saved, new)
     allowed = list(HARMLESS_CHANGES) + (list(allow) if isinstance(allow, (list, tuple)) else [])
     breaking = [k for k in changes if not _matches(k, allowed)]
+    held = (_held_out_shards(saved), _held_out_shards(new))
+    if held[0] != held[1]:  # validation settings, but they decide which shards train
+        changes[HOLDOUT_KEY] = held
+        if not _matches(HOLDOUT_KEY, allowed[len(HARMLESS_CHANGES):]) and HOLDOUT_KEY not in breaking:
+            breaking.append(HOLDOUT_KEY)
     if breaking and allow is not True:
         detail = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in breaking)
         raise ResumeConfigError(

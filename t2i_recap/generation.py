@@ -36,12 +36,31 @@ class ValidationConfig:
     """Classifier-free guidance scale."""
     batch_size: int = 8
     """Images per pipeline call."""
+    loss_every_steps: int = -1
+    """Held-out validation loss every N steps (0 = only at the end; negative = never), at fixed timesteps
+    and noise so runs compare (t2i_recap/val_loss.py)."""
+    loss_shards: str | None = None
+    """Held-out shards for the validation loss (a pattern like data.shards, read with data's caption specs).
+    None: the last `holdout_shards` of data.shards, kept out of training."""
+    holdout_shards: int = 1
+    """With loss_shards unset and loss_every_steps >= 0: how many of data.shards (the last ones) are held out."""
+    loss_batches: int = 4
+    """Held-out batches in the validation loss (the first ones, in shard order; the same every time)."""
+    loss_batch_size: int = 8
+    """Samples per held-out batch."""
+    loss_timesteps: int = 8
+    """Fixed timesteps per batch: the midpoints of the noise range cut in this many."""
+    loss_seed: int = 0
+    """Seed of the fixed noise."""
 
     def __post_init__(self) -> None:
         if not self.prompts or not self.seeds:
             raise ValueError("validation needs at least one prompt and one seed")
         if self.num_inference_steps < 1 or self.batch_size < 1:
             raise ValueError("num_inference_steps and batch_size must be >= 1")
+        for name in ("holdout_shards", "loss_batches", "loss_batch_size", "loss_timesteps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"validation.{name} must be >= 1, got {getattr(self, name)}")
 
 
 def generate_images(pipe, prompts: list[str], seeds: list[int], *, num_inference_steps: int, guidance_scale: float,

@@ -29,12 +29,22 @@ class DDPMEpsilon:
         n = x0.shape[0]
         t = torch.randint(0, self.cfg.num_train_timesteps, (n,), generator=generator, device=generator.device).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(device=x0.device, dtype=x0.dtype)
+        return self.loss_at(model_fn, x0, t, noise, weighted=True, **cond)
+
+    def loss_at(self, model_fn, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, weighted: bool = False,
+                **cond) -> torch.Tensor:
+        """The loss at given integer timesteps and noise; min-SNR weighted only when `weighted` (training),
+        so validation losses compare across runs with and without it."""
         x_t = self.train_scheduler.add_noise(x0, noise, t)
         pred = model_fn(x_t, t, **cond)[:, : x0.shape[1]]
-        if self.cfg.snr_gamma is None:
+        if self.cfg.snr_gamma is None or not weighted:
             return F.mse_loss(pred.float(), noise.float())
         per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=list(range(1, x0.ndim)))
         return (per_sample * self.loss_weights(t)).mean()
+
+    def fixed_timesteps(self, k: int) -> torch.Tensor:
+        """k evenly spaced integer timesteps, the midpoints of [0, T) cut in k."""
+        return ((torch.arange(k, dtype=torch.float64) + 0.5) * self.cfg.num_train_timesteps / k).long()
 
     def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
         """Min-SNR-gamma weights min(SNR(t), gamma) / SNR(t) for epsilon prediction."""

@@ -40,10 +40,19 @@ class RectifiedFlow:
         n = x0.shape[0]
         t = self.sample_t(n, generator).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(device=x0.device, dtype=x0.dtype)
-        tb = t.view(n, *([1] * (x0.ndim - 1))).to(x0.dtype)
+        return self.loss_at(model_fn, x0, t, noise, **cond)
+
+    def loss_at(self, model_fn, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, **cond) -> torch.Tensor:
+        """The loss at given timesteps t in (0, 1) and noise (validation loss: fixed ones)."""
+        tb = t.view(x0.shape[0], *([1] * (x0.ndim - 1))).to(x0.dtype)
         x_t = (1 - tb) * x0 + tb * noise
         pred = model_fn(x_t, t * 1000.0, **cond)[:, : x0.shape[1]]
         return F.mse_loss(pred.float(), (noise - x0).float())
+
+    def fixed_timesteps(self, k: int) -> torch.Tensor:
+        """k evenly spaced timesteps, the midpoints of [0, 1] cut in k, unshifted: the same noise levels
+        for every run, whatever its training density or shift."""
+        return (torch.arange(k, dtype=torch.float32) + 0.5) / k
 
     def scheduler(self) -> DPMSolverMultistepScheduler:
         """The inference scheduler written into exported pipelines."""
