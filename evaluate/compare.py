@@ -10,11 +10,14 @@ compare.html.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import sys
 from pathlib import Path
 
+from t2i_recap.cli_config import add_config_arguments, config_from_args
+from t2i_recap.config import ConfigError
 from t2i_recap.io import atomic_write_text
 from t2i_recap.logging_utils import setup_logging
 
@@ -178,14 +181,36 @@ def write_compare(result: dict, out: Path) -> None:
         (out / name).chmod(0o644)
 
 
+@dataclasses.dataclass
+class CompareConfig:
+    """What `t2i-recap eval compare` tabulates (its arguments, or --config / --set)."""
+
+    runs: list[str] = dataclasses.field(default_factory=list)
+    """Eval run folders (each with report.json)."""
+    out: str = ""
+    """Folder for compare.json/.md/.html."""
+    labels: str | None = None
+    """Comma-separated row names, one per run (default: p from the export, else the folder name)."""
+    allow_different_suites: bool = False
+    """Tabulate runs scored on different prompt suites (their per-prompt metrics are not comparable)."""
+
+
+FLAGS = {"runs": "runs", "--out": "out", "--labels": "labels", "--allow-different-suites": "allow_different_suites"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="t2i-recap eval compare", description=__doc__.split("\n\n")[0])
+    add_config_arguments(ap, CompareConfig, FLAGS, required=("runs", "--out"))
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    ap = argparse.ArgumentParser(prog="t2i-recap eval compare", description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", help="eval run folders (each with report.json)")
-    ap.add_argument("--out", required=True, help="folder for compare.json/.md/.html")
-    ap.add_argument("--labels", help="comma-separated row names, one per run (default: p from the export, else the folder name)")
-    ap.add_argument("--allow-different-suites", action="store_true")
-    args = ap.parse_args(argv)
+    ap = build_parser()
+    try:
+        args = config_from_args(CompareConfig, ap.parse_args(argv))
+    except ConfigError as exc:
+        ap.error(str(exc))
     if any(retrieval.is_retrieval_report(r) for r in args.runs):  # CLIP runs: their own table
         return retrieval.compare_main(args.runs, args.labels.split(",") if args.labels else None, Path(args.out))
     try:

@@ -17,6 +17,7 @@ Writes report.json, report.md and a self-contained report.html.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import hashlib
 import itertools
@@ -28,6 +29,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from t2i_recap.cli_config import add_config_arguments, config_from_args
+from t2i_recap.config import ConfigError
 from t2i_recap.identity import model_digest
 from t2i_recap.io import atomic_write_text
 from t2i_recap.logging_utils import get_logger, setup_logging
@@ -348,16 +351,41 @@ def compare_main(runs: list[str], labels: list[str] | None, out: Path) -> int:
 
 # ---- CLI ----------------------------------------------------------------------------------------
 
+@dataclasses.dataclass
+class RetrievalConfig:
+    """What `t2i-recap eval retrieval` scores (its flags, or --config / --set)."""
+
+    model: str = ""
+    """A CLIPModel folder (config.json, weights, processor files)."""
+    suite: str = "shapes"
+    """"shapes" or a JSON suite file."""
+    out: str = ""
+    """Folder for report.json/.md/.html."""
+    resolution: int = 32
+    """Shapes suite: rendered image side."""
+    n: int = 100
+    """Shapes suite: pairs for retrieval and for long captions."""
+    seed: int = 0
+    """Bootstrap seed."""
+
+
+FLAGS = {"--model": "model", "--suite": "suite", "--out": "out", "--resolution": "resolution", "--n": "n",
+         "--seed": "seed"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="t2i-recap eval retrieval", description=__doc__.split("\n\n")[0])
+    add_config_arguments(ap, RetrievalConfig, FLAGS, required=("--model", "--out"))
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    ap = argparse.ArgumentParser(prog="t2i-recap eval retrieval", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="a CLIPModel folder (config.json, weights, processor files)")
-    ap.add_argument("--suite", default="shapes", help='"shapes" or a JSON suite file')
-    ap.add_argument("--out", required=True, help="folder for report.json/.md/.html")
-    ap.add_argument("--resolution", type=int, default=32, help="shapes suite: rendered image side")
-    ap.add_argument("--n", type=int, default=100, help="shapes suite: pairs for retrieval and for long captions")
-    ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    args = ap.parse_args(argv)
+    ap = build_parser()
+    try:
+        args = config_from_args(RetrievalConfig, ap.parse_args(argv))
+    except ConfigError as exc:
+        ap.error(str(exc))
     try:
         suite = (shapes_suite(args.n, args.n, resolution=args.resolution) if args.suite == "shapes"
                  else file_suite(args.suite))

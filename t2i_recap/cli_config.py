@@ -150,11 +150,8 @@ def _add_flags(parser: argparse.ArgumentParser, cls: type, flags: Mapping[str, s
         positional = not flag.startswith("-")
         dest = f"{prefix}{dotted}" if not positional else flag
         kwargs = _argparse_kwargs(flag, tp, doc, positional)
-        if positional:
-            if kwargs.get("nargs") == "*" and flag in required:
-                kwargs["nargs"] = "+"
-            elif "nargs" not in kwargs and flag not in required:
-                kwargs["nargs"] = "?"
+        if positional:  # optional for argparse: a required one may come from --config (checked later)
+            kwargs.setdefault("nargs", "?")
             parser.add_argument(flag, default=None, **kwargs)
         else:
             if "choices" not in kwargs and kwargs.get("action", "append") == "append":
