@@ -20,6 +20,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("lora", "train"): ("t2i_recap.lora", "train LoRA adapters (peft) on an exported pipeline's DiT"),
     ("eval", "run"): ("t2i_recap.evaluate.run", "generate and score a prompt suite"),
     ("clip", "train"): ("t2i_recap.clip.train", "train a CLIP contrastively on shards (Recap-CLIP)"),
+    ("clip", "sweep"): ("t2i_recap.clip.sweep", "train and score a CLIP per caption-mixing p (the paper's Table 3)"),
     ("eval", "retrieval"): ("t2i_recap.evaluate.retrieval", "zero-shot retrieval + classification of a CLIP folder"),
     ("eval", "compare"): ("t2i_recap.evaluate.compare", "compare evaluation runs in one table"),
     ("demo",): ("t2i_recap.demo", "the paper's finding end to end on the shapes world"),
