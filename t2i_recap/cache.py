@@ -103,7 +103,7 @@ class FeatureEncoder:
             "dtype": self.cfg.dtype,
             "text_encoder": self._text_identity(),
             "resolution": data.resolution,
-            "captions": {"original": data.original_caption, "recaption": data.recaption},
+            "captions": data.caption_fingerprint(),
             "image_extensions": data.image_extensions,
         }
 
@@ -130,10 +130,10 @@ class FeatureEncoder:
         return {f"{name}_emb": emb, f"{name}_mask": mask.to(torch.uint8).cpu() * has.view(-1, 1),
                 f"{name}_truncated": truncated & has, f"has_{name}": has}
 
-    def encode_batch(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Features of a decoded batch (pixels + both captions), as the cache stores them."""
+    def encode_batch(self, batch: dict, names=CAPTIONS) -> dict[str, torch.Tensor]:
+        """Features of a decoded batch (pixels + every named caption), as the cache stores them."""
         out = self.encode_images(batch["pixels"])
-        for name in CAPTIONS:
+        for name in names:
             out.update(self.encode_captions(batch[name], name))
         return out
 
@@ -206,15 +206,16 @@ def _batches(source, index: int, size: int, stats: dict) -> Iterator[dict]:
 
 def build_shard(encoder: FeatureEncoder, source, index: int, path: Path, fp_hash: str) -> dict:
     """Encode one input shard and write its cache file atomically; returns its counts."""
-    stats = {"rows": 0, "skipped": 0, "original_truncated": 0, "recaption_truncated": 0}
+    names = getattr(source, "caption_names", CAPTIONS)
+    stats = {"rows": 0, "skipped": 0, **{f"{name}_truncated": 0 for name in names}}
     before, content = source.shard_stat(index), source.shard_content(index)
     keys: list[str] = []
     parts: list[dict] = []
     for batch in _batches(source, index, encoder.cfg.encode_batch_size, stats):
-        feats = encoder.encode_batch(batch)
+        feats = encoder.encode_batch(batch, names)
         keys.extend(batch["key"])
         parts.append(feats)
-        for name in CAPTIONS:
+        for name in names:
             stats[f"{name}_truncated"] += int(feats[f"{name}_truncated"].sum())
     stats["rows"] = len(keys)
     if not parts:
@@ -321,7 +322,7 @@ class CacheSource:
             self._handles[index] = safe_open(str(self.files[index]), "pt")
         h = self._handles[index]
         out = {name: h.get_slice(name)[row:row + 1][0] for name in h.keys()}
-        for name in CAPTIONS:
+        for name in (k[len("has_"):] for k in h.keys() if k.startswith("has_")):
             out[f"has_{name}"] = out[f"has_{name}"].bool()
             out[f"{name}_truncated"] = out[f"{name}_truncated"].bool()
         out["key"] = rec.key

@@ -4,6 +4,9 @@
   "json:org_caption"   a field of the `<key>.json` member
   "sidecar:re_caption" a column of the recaption sidecar, joined by key (training only)
   "column:text"        a column of a table (parquet, an HF dataset)
+  "json:recaps[1]"     element 1 of a list-valued field or column (several recaptions per image)
+  "first_sentence:recaption"  derived from another NAMED caption (`t2i_recap.data`'s data.captions):
+                       its first sentence
 
 The routes agree because a sample is seen through one `SampleView`: a webdataset tar sample's
 members, a row that `datasets.load_dataset("webdataset", ...)` made of the same tar (its columns
@@ -20,9 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping
+import re
+from typing import Any, Callable, Mapping
 
 KINDS = ("member", "json", "sidecar", "column")
+_INDEX = re.compile(r"^(?P<name>.+)\[(?P<index>\d+)\]$")
 # The captioner's default original caption where none is named. A webdataset sample (tar or HF
 # webdataset row): json org_caption (Recap-DataComp-1B keeps the alt-text there and the recaption in
 # .txt), else .txt, else json caption. A table row: the first of these columns.
@@ -44,6 +49,13 @@ class CaptionSpec:
     """The member extension, json field, sidecar column or table column."""
     text: str
     """The spec as written (for messages)."""
+    index: int | None = None
+    """Element of a list-valued field or column ("json:recaps[1]" -> 1); None = the value itself."""
+
+    @property
+    def derived(self) -> bool:
+        """True for a caption computed from another named caption (e.g. first_sentence:recaption)."""
+        return self.kind in DERIVED
 
 
 def parse_spec(spec: str, where: str = "caption spec") -> CaptionSpec:
@@ -55,9 +67,18 @@ def parse_spec(spec: str, where: str = "caption spec") -> CaptionSpec:
             raise CaptionSpecError(f"{where}: {spec!r} is not a tar member extension or kind:name spec")
         return _not_the_json_member(CaptionSpec("member", spec.lower(), spec), where)
     kind, name = spec.split(":", 1)
+    if kind in DERIVED:
+        if not name.isidentifier():
+            raise CaptionSpecError(f"{where}: {spec!r}: {kind}: takes the name of another caption of data.captions")
+        return CaptionSpec(kind, name, spec)
     if kind not in KINDS[1:] or not name:
-        raise CaptionSpecError(f"{where}: {spec!r} must be EXT, json:FIELD, sidecar:COLUMN or column:NAME")
-    return _not_the_json_member(CaptionSpec(kind, name, spec), where)
+        raise CaptionSpecError(f"{where}: {spec!r} must be EXT, json:FIELD, sidecar:COLUMN, column:NAME, "
+                               f"FIELD[i] of a list, or {'|'.join(DERIVED)}:CAPTION_NAME")
+    index = None
+    m = _INDEX.match(name)
+    if m:
+        name, index = m["name"], int(m["index"])
+    return _not_the_json_member(CaptionSpec(kind, name, spec, index), where)
 
 
 def _not_the_json_member(spec: CaptionSpec, where: str) -> CaptionSpec:
@@ -79,6 +100,8 @@ class SampleView:
     """The sample's recaption sidecar row, when one is joined."""
     captioned: tuple[str, ...] = ("ok", "success")
     """Sidecar statuses of a usable recaption (skipped / failed rows hold none)."""
+    row_usable: bool = True
+    """False when the sidecar row's recaption is flagged and data.flagged_recaptions drops it."""
     _json: Any = dataclasses.field(default=None, init=False, repr=False)
     _json_read: bool = dataclasses.field(default=False, init=False, repr=False)
 
@@ -105,9 +128,16 @@ def _as_object(value: Any) -> Mapping[str, Any] | None:
 
 def resolve(spec: CaptionSpec, view: SampleView) -> Any:
     """The raw caption value (bytes or text) `spec` names in `view`, or None when the sample lacks it."""
+    if spec.derived:
+        raise CaptionSpecError(f"caption spec {spec.text!r} is derived from another caption; resolve it with "
+                               "resolve_named")
+    return _element(spec, _value(spec, view))
+
+
+def _value(spec: CaptionSpec, view: SampleView) -> Any:
     if spec.kind in ("member", "column"):
         value = view.fields.get(spec.name)
-        if isinstance(value, (Mapping, list, tuple)):
+        if isinstance(value, Mapping):
             hint = " name one of its fields: json:FIELD" if spec.name == "json" else ""
             raise CaptionSpecError(f"caption spec {spec.text!r} names a {type(value).__name__}, not text;{hint}")
         return value
@@ -115,9 +145,85 @@ def resolve(spec: CaptionSpec, view: SampleView) -> Any:
         meta = view.json()
         return None if meta is None else meta.get(spec.name)
     row = view.sidecar_row
-    if row is None or row.get("status", "ok") not in view.captioned:
+    if row is None or row.get("status", "ok") not in view.captioned or not view.row_usable:
         return None
     return row.get(spec.name)
+
+
+def _element(spec: CaptionSpec, value: Any) -> Any:
+    """The list element `spec.index` names (None when the list is shorter); a list without an index is an error."""
+    is_list = isinstance(value, (list, tuple)) or (hasattr(value, "tolist") and not isinstance(value, (str, bytes)))
+    if spec.index is None:
+        if is_list:
+            raise CaptionSpecError(f"caption spec {spec.text!r} holds a list of {len(value)} captions, not text; "
+                                   f"name one element: {spec.text}[0]")
+        return value
+    if value is None:
+        return None
+    if not is_list:
+        raise CaptionSpecError(f"caption spec {spec.text!r} indexes a {type(value).__name__}, not a list")
+    value = list(value)
+    return value[spec.index] if spec.index < len(value) else None
+
+
+# Derived captions: a function of another named caption's (cleaned) text; None stays None.
+_ABBREVIATIONS = {"e.g", "i.e", "etc", "vs", "mr", "mrs", "ms", "dr", "st", "prof", "jr", "sr", "no", "approx",
+                  "fig", "inc", "ltd", "co", "mt", "ft", "u.s", "u.k", "a.m", "p.m"}
+_END = re.compile(r"([.!?]+)([\"')\]]*)(\s+)(?=[\"'(\[]?[A-Z0-9])")
+
+
+def first_sentence(text: str | None) -> str | None:
+    """The first sentence of `text`: up to the first ., ! or ? that ends a word and is followed by
+    whitespace and a capital letter or digit. Abbreviations (e.g., Dr., St.), single initials
+    (J. Smith), decimals (3.5) and ellipses inside a sentence do not end it. Text without such an end
+    is one sentence and returned whole."""
+    if text is None:
+        return None
+    for m in _END.finditer(text):
+        before = text[:m.start()]
+        word = before.rsplit(None, 1)[-1].lower() if before.split() else ""
+        if m.group(1) == "." and (word.rstrip(".") in _ABBREVIATIONS or (len(word) == 1 and word.isalpha())):
+            continue
+        return text[:m.end(2)].strip() or None
+    return text.strip() or None
+
+
+DERIVED: dict[str, Callable[[str | None], str | None]] = {"first_sentence": first_sentence}
+
+
+def caption_order(specs: Mapping[str, CaptionSpec], where: str = "data.captions") -> list[str]:
+    """Names in an order where every derived caption follows the caption it is made from; errors
+    name an unknown source caption or a cycle."""
+    order: list[str] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if state.get(name) == "done":
+            return
+        if name in chain:
+            raise CaptionSpecError(f"{where}: derived captions form a cycle: {' -> '.join(chain + (name,))}")
+        spec = specs[name]
+        if spec.derived:
+            if spec.name not in specs:
+                raise CaptionSpecError(f"{where}.{name}: {spec.text!r} derives from caption {spec.name!r}, which is "
+                                       f"not one of the named captions ({', '.join(specs)})")
+            visit(spec.name, chain + (name,))
+        state[name] = "done"
+        order.append(name)
+
+    for name in specs:
+        visit(name, ())
+    return order
+
+
+def resolve_named(specs: Mapping[str, CaptionSpec], view: SampleView,
+                  clean: Callable[[Any], str | None]) -> dict[str, str | None]:
+    """Every named caption of one sample, cleaned by `clean`, derived ones from their source; names in `specs` order."""
+    out: dict[str, str | None] = {}
+    for name in caption_order(specs):
+        spec = specs[name]
+        out[name] = DERIVED[spec.kind](out[spec.name]) if spec.derived else clean(resolve(spec, view))
+    return {name: out[name] for name in specs}
 
 
 def resolve_first(specs: tuple[CaptionSpec, ...], view: SampleView) -> tuple[Any, CaptionSpec | None]:

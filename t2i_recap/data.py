@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from t2i_recap.caption_specs import (WEBDATASET_COLUMNS, CaptionSpecError, SampleView, SpecCoverage, parse_spec,
-                                     resolve)
+from t2i_recap.caption_specs import (WEBDATASET_COLUMNS, CaptionSpecError, SampleView, SpecCoverage, caption_order,
+                                     parse_spec, resolve_named)
 from t2i_recap.images import BadImage, decode_image, decode_pil
 from t2i_recap.identity import file_digest, shard_digest
 from t2i_recap.io import expand_shards
@@ -47,6 +47,8 @@ from t2i_recap.sidecar_join import CAPTIONED, open_join
 log = get_logger(__name__)
 
 _CAPTIONED = CAPTIONED  # sidecar statuses of a usable recaption (skipped/failed rows hold none)
+# Example / batch / feature keys that are not caption names.
+RESERVED_NAMES = ("key", "pixels", "cursor", "skipped", "mean", "logvar", "emb", "mask", "empty", "source")
 
 
 @dataclasses.dataclass
@@ -71,6 +73,10 @@ class DataConfig:
     """Field spec of the ORIGINAL (web) caption (see module doc)."""
     recaption: str = "sidecar:re_caption"
     """Field spec of the recaption."""
+    captions: dict[str, str | None] | None = None
+    """Named captions: name -> field spec (see module doc), added to `original` and `recaption` (which
+    hold original_caption and recaption; a name mapped to null removes it). Each one is encoded into
+    the feature cache and drawn per sample per step with its mixing.weights weight."""
     image_extensions: list[str] = dataclasses.field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
     """Tar member extensions tried, in order, for the image."""
     resolution: int = 256
@@ -89,6 +95,7 @@ class DataConfig:
             raise ValueError("set either data.shards or data.hf_dataset, not both")
         for name in ("original_caption", "recaption"):
             parse_spec(getattr(self, name), f"data.{name}")
+        self.caption_specs()  # names, specs and derivations checked here
         if self.resolution < 8:
             raise ValueError(f"resolution must be >= 8, got {self.resolution}")
         if not 0.0 <= self.min_recaption_coverage <= 1.0:
@@ -96,8 +103,31 @@ class DataConfig:
         if self.shuffle_buffer < 1 or self.hf_rows_per_shard < 1 or self.num_workers < 0:
             raise ValueError("shuffle_buffer and hf_rows_per_shard must be >= 1, num_workers >= 0")
 
+    def caption_specs(self) -> dict[str, str]:
+        """Every named caption: name -> spec text; `original` and `recaption` first unless removed."""
+        named: dict[str, str | None] = {"original": self.original_caption, "recaption": self.recaption,
+                                        **(self.captions or {})}
+        out = {name: spec for name, spec in named.items() if spec is not None}
+        for name, spec in out.items():
+            if not name.isidentifier() or not name.islower() or name in RESERVED_NAMES:
+                raise ValueError(f"data.captions: {name!r} is not a usable caption name (lower-case letters, digits "
+                                 f"and _, starting with a letter; not one of {', '.join(RESERVED_NAMES)})")
+            parse_spec(spec, f"data.captions.{name}")
+        if not out:
+            raise ValueError("data.captions removes every caption; name at least one")
+        caption_order({n: parse_spec(s) for n, s in out.items()})
+        return out
+
+    def caption_fingerprint(self) -> dict:
+        """What the feature cache's text features depend on: the named captions' specs (the same dict as
+        before named captions for a two-caption config, so existing caches stay valid)."""
+        return self.caption_specs()
+
+    def parsed_specs(self) -> dict:
+        return {name: parse_spec(spec, f"data.captions.{name}") for name, spec in self.caption_specs().items()}
+
     def uses_sidecar(self) -> bool:
-        return any(parse_spec(s).kind == "sidecar" for s in (self.original_caption, self.recaption))
+        return any(s.kind == "sidecar" for s in self.parsed_specs().values())
 
 
 def _clean(text: Any) -> str | None:
@@ -142,7 +172,8 @@ class WebDatasetSource:
         self.paths = expand_shards(cfg.shards)
         self.shards = [shard_id(p) for p in self.paths]
         _check_unique_ids(self.paths)
-        self.specs = {"original": parse_spec(cfg.original_caption), "recaption": parse_spec(cfg.recaption)}
+        self.specs = cfg.parsed_specs()
+        self.caption_names = tuple(self.specs)
         if cfg.uses_sidecar() and not cfg.recaption_dir:
             raise ValueError("a caption spec reads the recaption sidecar (sidecar:...) but data.recaption_dir is not set")
 
@@ -180,17 +211,17 @@ class WebDatasetSource:
             if not raw.error:
                 found = self._captions(*record.payload)
                 if not isinstance(found, str):
-                    coverage.add(dict(zip(("original", "recaption"), found)))
+                    coverage.add(found)
             yield record
         if join is not None:
             join.finish()
         coverage.finish()
 
-    def _captions(self, raw, row: dict | None) -> tuple[str | None, str | None] | str:
-        """(original, recaption) of a sample, or why the sample has none (a json member that is not an object)."""
+    def _captions(self, raw, row: dict | None) -> dict[str, str | None] | str:
+        """The named captions of a sample, or why the sample has none (a json member that is not an object)."""
         view = SampleView(raw.files, sidecar_row=row, captioned=tuple(_CAPTIONED))
         try:
-            return tuple(_clean(resolve(self.specs[w], view)) for w in ("original", "recaption"))
+            return resolve_named(self.specs, view, _clean)
         except CaptionSpecError as exc:
             return str(exc)
 
@@ -204,7 +235,7 @@ class WebDatasetSource:
         captions = self._captions(raw, row)
         if isinstance(captions, str):
             return Skip(rec.key, rec.shard, captions)
-        return _example(rec, raw.files[ext], *captions, self.cfg.resolution)
+        return _example(rec, raw.files[ext], captions, self.cfg.resolution)
 
 
 def _check_unique_ids(paths: list[Path]) -> None:
@@ -233,7 +264,8 @@ class HFDatasetSource:
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[cfg.hf_split]
         self.ds = ds
-        self.specs = {"original": parse_spec(cfg.original_caption), "recaption": parse_spec(cfg.recaption)}
+        self.specs = cfg.parsed_specs()
+        self.caption_names = tuple(self.specs)
         # A dataset `datasets` made of webdataset tars holds the members as columns (jpg, txt, json):
         # the specs read them exactly as they read the tar (t2i_recap.caption_specs).
         self.webdataset = all(c in ds.column_names for c in WEBDATASET_COLUMNS)
@@ -241,6 +273,8 @@ class HFDatasetSource:
             if spec.kind == "sidecar":
                 raise ValueError(f"data.{which}={spec.text!r}: sidecars join webdataset shards (data.shards), "
                                  "not HF datasets")
+            if spec.derived:
+                continue
             column = "json" if spec.kind == "json" else spec.name
             if column not in ds.column_names:
                 raise ValueError(f"data.{which}={spec.text!r}: the dataset has no {column!r} column "
@@ -260,7 +294,7 @@ class HFDatasetSource:
         return found
 
     def _caption_columns(self) -> list[str]:
-        names = ["json" if s.kind == "json" else s.name for s in self.specs.values()]
+        names = ["json" if s.kind == "json" else s.name for s in self.specs.values() if not s.derived]
         return list(dict.fromkeys(names + ([self.key_column] if self.key_column else [])))
 
     def shard_stat(self, index: int) -> dict:
@@ -280,9 +314,8 @@ class HFDatasetSource:
         for i, row in zip(range(start, stop), rows):
             key = str(row[self.key_column]) if self.key_column else f"{i:09d}"
             try:
-                view = SampleView(row)
-                captions = tuple(_clean(resolve(self.specs[w], view)) for w in ("original", "recaption"))
-                coverage.add(dict(zip(("original", "recaption"), captions)))
+                captions = resolve_named(self.specs, SampleView(row), _clean)
+                coverage.add(captions)
             except CaptionSpecError as exc:
                 captions = str(exc)
             records.append(Record(self.shards[index], key, (i, captions)))
@@ -298,17 +331,18 @@ class HFDatasetSource:
             image = image.get("bytes")
         if image is None:
             return Skip(rec.key, rec.shard, "no image")
-        return _example(rec, image, *captions, self.cfg.resolution)
+        return _example(rec, image, captions, self.cfg.resolution)
 
 
-def _example(rec: Record, image, original: str | None, recaption: str | None, resolution: int) -> dict | Skip:
-    if original is None and recaption is None:
-        return Skip(rec.key, rec.shard, "neither an original caption nor a recaption")
+def _example(rec: Record, image, captions: dict[str, str | None], resolution: int) -> dict | Skip:
+    if all(text is None for text in captions.values()):
+        return Skip(rec.key, rec.shard, "neither an original caption nor a recaption" if len(captions) == 2 else
+                    f"none of the captions {', '.join(captions)}")
     try:
         pixels = load_image(image, resolution)
     except (BadImage, OSError, ValueError, Image.DecompressionBombError) as exc:
         return Skip(rec.key, rec.shard, f"image does not decode: {exc}")
-    return {"key": rec.key, "pixels": pixels, "original": original, "recaption": recaption}
+    return {"key": rec.key, "pixels": pixels, **captions}
 
 
 def build_source(cfg: DataConfig):

@@ -5,15 +5,25 @@ else its recaption. A sample lacking the drawn caption falls back to the other o
 fallback is counted (a run at p=0 whose recaptions are half missing is not a p=0 run). CFG dropout
 then swaps in the empty caption's embedding, drawn anew every step: dropping at cache time would drop
 the same captions every epoch (a diffusers example bug, docs/references.md section 4).
+
+Named captions (data.captions) generalise p: `weights` maps caption names to sampling weights, and
+each sample draws one name per step with probability weight / sum of weights. `p` is the shorthand
+for {original: p, recaption: 1 - p} and draws exactly what it always drew: one uniform number u
+per sample picks the name whose interval of the cumulative weights holds u, so u < p is ORIGINAL.
+A sample lacking the drawn caption falls back among the captions it has, by weight (uniformly when
+all it has weigh 0), using u's place inside the drawn interval as a fresh uniform number: no extra
+draw, so the random stream never depends on which captions are missing. Fallbacks are counted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 
 ORIGINAL, RECAPTION, EMPTY = 0, 1, 2
+NAMED_EMPTY = -1  # the empty caption in a NamedChoice
 
 
 @dataclasses.dataclass
@@ -22,12 +32,28 @@ class MixingConfig:
     """Probability of the ORIGINAL caption per sample per step (the paper's p; 0 = recaptions only)."""
     cfg_dropout: float = 0.1
     """Probability of replacing the caption by the empty caption (classifier-free guidance training)."""
+    weights: dict[str, float] | None = None
+    """Sampling weight per named caption (data.captions), drawn per sample per step; None = p's
+    {original: p, recaption: 1 - p}. Weights need not sum to 1. Set either this or p."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.p <= 1.0:
             raise ValueError(f"p must be in [0, 1], got {self.p}")
         if not 0.0 <= self.cfg_dropout < 1.0:
             raise ValueError(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
+        if self.weights is not None:
+            if self.p != 0.0:
+                raise ValueError(f"mixing.p={self.p} and mixing.weights are both set; p is the shorthand for "
+                                 "weights {original: p, recaption: 1 - p}: set one of them")
+            bad = {k: w for k, w in self.weights.items() if not (w >= 0.0 and w != float("inf"))}
+            if bad or not self.weights or sum(self.weights.values()) <= 0:
+                raise ValueError(f"mixing.weights must be finite numbers >= 0 with a positive sum, got {self.weights}")
+
+    def resolved_weights(self) -> dict[str, float]:
+        """Caption name -> weight, in draw order."""
+        if self.weights is None:
+            return {"original": self.p, "recaption": 1.0 - self.p}
+        return dict(self.weights)
 
 
 @dataclasses.dataclass
@@ -39,37 +65,125 @@ class MixCounts:
     empty: int = 0
     fallback_to_original: int = 0
     fallback_to_recaption: int = 0
+    chosen: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Samples that used each named caption (the empty caption not included)."""
+    fallbacks: dict[str, int] = dataclasses.field(default_factory=dict)
+    """"DRAWN->USED": samples whose drawn caption was missing, by what they used instead."""
+    dropped_flagged: int = 0
+    """Recaptions flagged by the captioner and dropped (data.flagged_recaptions), counted at load time."""
+
+    def __post_init__(self) -> None:
+        if not self.chosen and (self.original or self.recaption):  # counts saved before named captions
+            self.chosen = {"original": self.original, "recaption": self.recaption}
 
     def add(self, other: "MixCounts") -> None:
         for f in dataclasses.fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, dict):
+                for k, v in theirs.items():
+                    mine[k] = mine.get(k, 0) + v
+            else:
+                setattr(self, f.name, mine + theirs)
 
     def total(self) -> int:
-        return self.original + self.recaption + self.empty
+        return sum(self.chosen.values()) + self.empty
+
+    def fallback_total(self) -> int:
+        return sum(self.fallbacks.values())
+
+
+class NamedChoice(NamedTuple):
+    """Per sample: the index into `names` of the caption it uses, or NAMED_EMPTY."""
+
+    names: tuple[str, ...]
+    index: torch.Tensor
+
+
+def draw_order(weights: dict[str, float], names) -> list[str]:
+    """The weighted names first (their config order), then the rest (weight 0: fallbacks only)."""
+    unknown = [n for n in weights if n not in names]
+    if unknown:
+        raise ValueError(f"mixing.weights names captions that data.captions does not define: {unknown} "
+                         f"(captions: {list(names)})")
+    return list(weights) + [n for n in names if n not in weights]
+
+
+def choose_named(has: dict[str, torch.Tensor], weights: dict[str, float], cfg_dropout: float,
+                 generator: torch.Generator) -> tuple[NamedChoice, MixCounts]:
+    """Per sample, one named caption drawn by weight (or EMPTY by cfg_dropout); two draws per sample, always."""
+    names = draw_order(weights, list(has))
+    present = torch.stack([has[n].bool().cpu() for n in names], dim=1)  # (n, N)
+    if (~present.any(dim=1)).any():
+        raise ValueError("a sample has none of the captions " + ", ".join(names) + "; the data reader must skip it")
+    n = present.shape[0]
+    w = torch.tensor([float(weights.get(name, 0.0)) for name in names], dtype=torch.float64)
+    cum = torch.cumsum(w, 0) / w.sum()
+    u = torch.rand(n, generator=generator)
+    drop = torch.rand(n, generator=generator) < cfg_dropout
+    drawn = torch.searchsorted(cum.to(torch.float32), u, right=True).clamp(max=int((w > 0).nonzero().max()))
+    missing = ~present[torch.arange(n), drawn]
+    index = drawn.clone()
+    if missing.any():
+        lo = torch.cat([torch.zeros(1, dtype=torch.float64), cum])[drawn]
+        inner = ((u.double() - lo) / (cum[drawn] - lo)).clamp(0.0, 1.0)  # uniform inside the drawn interval
+        index[missing] = _by_weight(present[missing], w, inner[missing])
+    index = torch.where(drop, torch.full_like(index, NAMED_EMPTY), index)
+    counts = MixCounts(empty=int(drop.sum()))
+    used = index[~drop]
+    for i, name in enumerate(names):
+        counts.chosen[name] = int((used == i).sum())
+    for d, i in zip(drawn[missing & ~drop].tolist(), index[missing & ~drop].tolist()):
+        key = f"{names[d]}->{names[i]}"
+        counts.fallbacks[key] = counts.fallbacks.get(key, 0) + 1
+    counts.original, counts.recaption = counts.chosen.get("original", 0), counts.chosen.get("recaption", 0)
+    counts.fallback_to_original = sum(v for k, v in counts.fallbacks.items() if k.endswith("->original"))
+    counts.fallback_to_recaption = sum(v for k, v in counts.fallbacks.items() if k.endswith("->recaption"))
+    return NamedChoice(tuple(names), index), counts
+
+
+def _by_weight(present: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, a present name drawn by weight with uniform `u` (uniformly when every present one weighs 0)."""
+    weighted = present.double() * w
+    zero = weighted.sum(dim=1) == 0
+    weighted[zero] = present[zero].double()
+    cum = torch.cumsum(weighted, dim=1) / weighted.sum(dim=1, keepdim=True)
+    pick = (cum <= u.unsqueeze(1)).sum(dim=1)
+    last = (weighted > 0).double().cumsum(dim=1).argmax(dim=1)  # the last name that can be picked
+    return torch.minimum(pick, last)
+
+
+def select_named(choice: NamedChoice, candidates: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 empty: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's (embedding (B, L, D), mask (B, L)) from its chosen caption; `empty` is (1, L, D)."""
+    first = candidates[choice.names[0]][0]
+    index = choice.index.to(first.device)
+    emb = torch.stack([candidates[n][0] for n in choice.names], dim=1)
+    mask = torch.stack([candidates[n][1] for n in choice.names], dim=1)
+    rows = torch.arange(index.shape[0], device=first.device)
+    emb, mask = emb[rows, index.clamp(min=0)], mask[rows, index.clamp(min=0)]
+    is_empty = index == NAMED_EMPTY
+    emb = torch.where(is_empty.view(-1, 1, 1), empty[0].to(emb.dtype).expand_as(emb), emb)
+    mask = torch.where(is_empty.view(-1, 1), empty[1].to(mask.dtype).expand_as(mask), mask)
+    return emb, mask
 
 
 def choose(has_original: torch.Tensor, has_recaption: torch.Tensor, cfg: MixingConfig,
            generator: torch.Generator) -> tuple[torch.Tensor, MixCounts]:
     """Per sample: ORIGINAL, RECAPTION or EMPTY. Two draws per sample, always, so the random stream
     (and a resumed run) does not depend on which captions happen to be missing."""
+    weights = cfg.resolved_weights()
+    if set(weights) - {"original", "recaption"}:
+        raise ValueError(f"mixing.weights names captions {sorted(set(weights) - {'original', 'recaption'})}; this "
+                         "trainer mixes the original caption and the recaption only (named captions: t2i-recap train)")
     has_original, has_recaption = has_original.bool().cpu(), has_recaption.bool().cpu()
     if (~has_original & ~has_recaption).any():
         raise ValueError("a sample has neither an original caption nor a recaption; the data reader must skip it")
-    n = has_original.shape[0]
-    want_original = torch.rand(n, generator=generator) < cfg.p
-    drop = torch.rand(n, generator=generator) < cfg.cfg_dropout
-    to_recaption = want_original & ~has_original
-    to_original = ~want_original & ~has_recaption
-    use_original = (want_original & has_original) | to_original
-    choice = torch.where(use_original, ORIGINAL, RECAPTION)
-    choice = torch.where(drop, EMPTY, choice)
-    counts = MixCounts(
-        original=int(((choice == ORIGINAL)).sum()),
-        recaption=int(((choice == RECAPTION)).sum()),
-        empty=int(drop.sum()),
-        fallback_to_original=int((to_original & ~drop).sum()),
-        fallback_to_recaption=int((to_recaption & ~drop).sum()),
-    )
+    named, counts = choose_named({"original": has_original, "recaption": has_recaption}, weights,
+                                 cfg.cfg_dropout, generator)
+    code = {i: {"original": ORIGINAL, "recaption": RECAPTION}[n] for i, n in enumerate(named.names)}
+    choice = torch.full_like(named.index, EMPTY)
+    for i, c in code.items():
+        choice[named.index == i] = c
     return choice, counts
 
 

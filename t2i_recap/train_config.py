@@ -9,7 +9,7 @@ from t2i_recap.checkpoint import CheckpointConfig
 from t2i_recap.data import DataConfig
 from t2i_recap.ema import EMAConfig
 from t2i_recap.generation import ValidationConfig
-from t2i_recap.mixing import MixingConfig
+from t2i_recap.mixing import MixingConfig, draw_order
 from t2i_recap.models import ModelConfig
 from t2i_recap.objectives import ObjectiveConfig
 from t2i_recap.text_encoders import TextEncoderConfig
@@ -40,3 +40,7 @@ class TrainConfig:
     """Checkpoint cadence and rotation."""
     validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
     """Validation image grids."""
+
+    def __post_init__(self) -> None:
+        if self.mixing.weights is not None:  # every weighted name must be a caption the data defines
+            draw_order(self.mixing.weights, list(self.data.caption_specs()))

@@ -35,7 +35,7 @@ from t2i_recap.generation import generate_images, image_grid
 from t2i_recap.io import atomic_write_text
 from t2i_recap.logging_utils import get_logger
 from t2i_recap.lr_schedule import diffusers_name, lr_factor
-from t2i_recap.mixing import ORIGINAL, RECAPTION, MixCounts, choose, select, trim_padding
+from t2i_recap.mixing import MixCounts, choose_named, select_named, trim_padding
 from t2i_recap.models import build_model, configure_model
 from t2i_recap.objectives import build_objective
 
@@ -227,7 +227,8 @@ class Trainer:
             log.info("FSDP2: the model's parameters are DTensor shards over %d process(es)", self.world)
         self.ema = EMA(self._bare(), cfg.ema) if cfg.ema.enabled else None
         self.step, self.cursor, self.samples, self.counts = 0, (0, 0), 0, MixCounts()
-        self.truncated = {"original": 0, "recaption": 0, "chosen": 0}
+        self.caption_names = tuple(cfg.data.caption_specs())
+        self.truncated = {**{name: 0 for name in self.caption_names}, "chosen": 0}
         self.nonfinite_skipped, self.stop_signum = 0, 0
         self.validation_failures: list[dict] = []  # steps whose grid failed (reported in summary.json)
         if resume_from is not None:
@@ -272,7 +273,7 @@ class Trainer:
                 self.ema.load_state_dict(ck["ema"])
         self.step, self.samples = state["step"], state["samples"]
         self.counts = MixCounts(**state["mix_counts"])
-        self.truncated = state["truncated"]
+        self.truncated = {**self.truncated, **state["truncated"]}
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
         if state["world_size"] == self.world:
             self.cursor = tuple(state["ranks"][self.rank]["cursor"])
@@ -286,7 +287,7 @@ class Trainer:
 
     def _features(self, batch: dict) -> dict:
         if "pixels" in batch:  # on the fly: the same encoder and rounding as the cache
-            return self.encoder.encode_batch(batch)
+            return self.encoder.encode_batch(batch, self.caption_names)
         return batch
 
     def _micro_step(self, batch: dict, micro: int) -> tuple[torch.Tensor, MixCounts, dict]:
@@ -299,16 +300,17 @@ class Trainer:
         noise_gen = gen if dev.type == "cpu" else step_generator(*ids, device=dev)
         x0 = feature_cache.latents_from({k: f[k].to(dev) for k in ("mean", "logvar") if k in f}, noise_gen,
                                         self.encoder.scaling_factor, self.encoder.shift_factor)
-        choice, counts = choose(f["has_original"], f["has_recaption"], self.cfg.mixing, gen)
+        m = self.cfg.mixing
+        choice, counts = choose_named({n: f[f"has_{n}"] for n in self.caption_names}, m.resolved_weights(),
+                                      m.cfg_dropout, gen)
         # Selected where the features are (CPU for the cache), so that the padding extent is read
         # without waiting for the GPU; only the kept columns travel.
-        emb, mask = select(choice, (f["original_emb"], f["original_mask"]), (f["recaption_emb"], f["recaption_mask"]),
-                           (self.empty["emb"].to(f["original_emb"].device),
-                            self.empty["mask"].to(f["original_mask"].device)))
+        emb, mask = select_named(choice, {n: (f[f"{n}_emb"], f[f"{n}_mask"]) for n in choice.names},
+                                 (self.empty["emb"].to(f[f"{choice.names[0]}_emb"].device),
+                                  self.empty["mask"].to(f[f"{choice.names[0]}_mask"].device)))
         emb, mask = trim_padding(emb, mask)  # right-padded (CLIP and T5 tokenizers pad on the right)
         emb, mask = emb.to(dev), None if mask is None else mask.to(dev).float()
-        trunc = {"original": int(f["original_truncated"][choice == ORIGINAL].sum()),
-                 "recaption": int(f["recaption_truncated"][choice == RECAPTION].sum())}
+        trunc = {n: int(f[f"{n}_truncated"][choice.index == i].sum()) for i, n in enumerate(choice.names)}
 
         def model_fn(x, t, **cond):
             return self.model(x, timestep=t, added_cond_kwargs=None, return_dict=False, **cond)[0]
@@ -449,7 +451,8 @@ class Trainer:
         non_empty = max(self.counts.original + self.counts.recaption, 1)
         metrics = {**metrics, "mix/original_share": self.counts.original / total,
                    "mix/recaption_share": self.counts.recaption / total, "mix/empty_share": self.counts.empty / total,
-                   "mix/fallbacks": self.counts.fallback_to_original + self.counts.fallback_to_recaption,
+                   "mix/fallbacks": self.counts.fallback_total(),
+                   **{f"mix/{name}_share": n / total for name, n in self.counts.chosen.items()},
                    "truncation/chosen_share": self.truncated["chosen"] / non_empty,
                    "truncation/original_share": self.truncated["original"] / max(self.counts.original, 1),
                    "truncation/recaption_share": self.truncated["recaption"] / max(self.counts.recaption, 1)}

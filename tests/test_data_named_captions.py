@@ -1,0 +1,239 @@
+"""Named captions with weights: per-sample draws match the weights, fallbacks are counted, list-valued
+fields, derived first sentences, the p shorthand draws what it always drew, the cache holds every
+named caption, and a named-caption run resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from fixtures_train import train_config_dict
+from t2i_recap.caption_specs import CaptionSpecError, first_sentence
+from t2i_recap.config import ConfigError, from_dict
+from t2i_recap.data import DataConfig, Skip, WebDatasetSource
+from t2i_recap.mixing import NAMED_EMPTY, MixingConfig, choose_named
+from t2i_recap.train_config import TrainConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _within(count: int, n: int, p: float, sigmas: float = 5.0) -> bool:
+    """A binomial count within `sigmas` standard deviations of n * p."""
+    return abs(count - n * p) <= sigmas * math.sqrt(n * p * (1 - p)) + 1
+
+
+def test_per_sample_draws_match_the_weights():
+    n = 200_000
+    has = {name: torch.ones(n, dtype=torch.bool) for name in ("a", "b", "c")}
+    weights = {"a": 5.0, "b": 3.0, "c": 2.0}  # need not sum to 1
+    choice, counts = choose_named(has, weights, 0.1, torch.Generator().manual_seed(3))
+    assert choice.names == ("a", "b", "c")
+    assert _within(counts.empty, n, 0.1)
+    for i, (name, w) in enumerate(weights.items()):
+        assert counts.chosen[name] == int((choice.index == i).sum())
+        assert _within(counts.chosen[name], n, 0.9 * w / 10), (name, counts.chosen)
+    assert counts.fallbacks == {} and counts.total() == n
+
+
+def test_a_missing_caption_falls_back_by_weight_and_is_counted():
+    n = 100_000
+    full, none = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+    weights = {"a": 5.0, "b": 3.0, "c": 2.0}
+    choice, counts = choose_named({"a": full, "b": full, "c": none}, weights, 0.0, torch.Generator().manual_seed(0))
+    assert counts.chosen["c"] == 0 and not bool((choice.index == 2).any())
+    drawn_c = counts.fallbacks["c->a"] + counts.fallbacks["c->b"]
+    assert _within(drawn_c, n, 0.2)
+    assert _within(counts.fallbacks["c->a"], drawn_c, 5 / 8)  # among the present ones by weight
+    assert _within(counts.chosen["a"], n, 0.5 + 0.2 * 5 / 8)
+    # the draws of samples that had their caption do not change when another sample lacks it
+    part = full.clone()
+    part[::3] = False
+    again, _ = choose_named({"a": full, "b": part, "c": none}, weights, 0.0, torch.Generator().manual_seed(0))
+    same = part.clone()
+    assert torch.equal(choice.index[same & (choice.index != 1)], again.index[same & (choice.index != 1)])
+    # only zero-weight captions present: a uniform pick among them, still counted
+    choice, counts = choose_named({"a": none[:10], "b": full[:10], "x": full[:10]}, {"a": 1.0}, 0.0,
+                                  torch.Generator().manual_seed(1))
+    assert set(choice.index.tolist()) <= {1, 2} and sum(counts.fallbacks.values()) == 10
+
+
+def _legacy_choose(has_original, has_recaption, p, cfg_dropout, generator):
+    """The two-caption mixer as it was before named captions (the reference the shorthand must equal)."""
+    n = has_original.shape[0]
+    want_original = torch.rand(n, generator=generator) < p
+    drop = torch.rand(n, generator=generator) < cfg_dropout
+    use_original = (want_original & has_original) | (~want_original & ~has_recaption)
+    return torch.where(drop, 2, torch.where(use_original, 0, 1))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.2, 0.5, 0.75, 1.0, 1 / 3])
+def test_p_shorthand_draws_exactly_what_it_always_drew(p):
+    from t2i_recap.mixing import choose
+
+    g = torch.Generator().manual_seed(7)
+    has_org, has_re = torch.rand(5000, generator=g) < 0.8, torch.rand(5000, generator=g) < 0.8
+    has_re |= ~has_org
+    for seed in range(5):
+        old = _legacy_choose(has_org, has_re, p, 0.1, torch.Generator().manual_seed(seed))
+        new, _ = choose(has_org, has_re, MixingConfig(p=p), torch.Generator().manual_seed(seed))
+        named, _ = choose_named({"original": has_org, "recaption": has_re}, MixingConfig(p=p).resolved_weights(),
+                                0.1, torch.Generator().manual_seed(seed))
+        assert torch.equal(old, new)
+        assert torch.equal(torch.where(named.index == NAMED_EMPTY, 2, named.index), old)
+
+
+def test_mixing_config_checks():
+    with pytest.raises(ValueError, match="both set"):
+        MixingConfig(p=0.2, weights={"recaption": 1.0})
+    with pytest.raises(ValueError, match="positive sum"):
+        MixingConfig(weights={"recaption": 0.0})
+    with pytest.raises(ValueError, match=">= 0"):
+        MixingConfig(weights={"recaption": -1.0, "original": 2.0})
+    assert MixingConfig(p=0.3).resolved_weights() == {"original": 0.3, "recaption": 0.7}
+
+
+REAL_LOOKING = [
+    ("The image shows a golden retriever lying on a wooden porch. Behind it, a red door is partly open.",
+     "The image shows a golden retriever lying on a wooden porch."),
+    ("A vintage poster for St. Louis, Mo. advertising the 1904 World's Fair. The text reads \"Meet me in St. Louis!\"",
+     "A vintage poster for St. Louis, Mo. advertising the 1904 World's Fair."),
+    ("Close-up of a 3.5 mm audio jack, e.g. on headphones, on a white desk! Cables trail off to the left.",
+     "Close-up of a 3.5 mm audio jack, e.g. on headphones, on a white desk!"),
+    ("Portrait of J. R. R. Tolkien smiling... wearing a tweed jacket. He holds a pipe.",
+     "Portrait of J. R. R. Tolkien smiling... wearing a tweed jacket."),
+    ("a single caption with no final stop", "a single caption with no final stop"),
+    ("Is this a cat? No, it is a fox.", "Is this a cat?"),
+]
+
+
+@pytest.mark.parametrize("text,first", REAL_LOOKING)
+def test_first_sentence_of_real_looking_recaptions(text, first):
+    assert first_sentence(text) == first
+
+
+def test_named_captions_list_fields_and_derivations(train_shards):
+    shards, side = train_shards
+    cfg = DataConfig(shards=str(shards), recaption_dir=str(side), resolution=16, captions={
+        "first_sentence": "first_sentence:recaption", "gold0": "json:gold_captions[0]",
+        "first_of_first": "first_sentence:gold0"})
+    assert list(cfg.caption_specs()) == ["original", "recaption", "first_sentence", "gold0", "first_of_first"]
+    src = WebDatasetSource(cfg)
+    out = [src.decode(r) for r in src.records(0)]
+    assert all(not isinstance(o, Skip) for o in out)
+    for o in out:
+        assert o["first_of_first"] == first_sentence(o["gold0"]) and o["gold0"].startswith(o["first_of_first"])
+        if o["recaption"] is None:  # a failed sidecar row: no recaption, so no first sentence of it
+            assert o["first_sentence"] is None
+        else:
+            assert o["recaption"].startswith(o["first_sentence"]) and o["first_sentence"].endswith(".")
+    assert sum(len(o["first_of_first"]) < len(o["gold0"]) for o in out) >= 3  # several are longer than one sentence
+    listed = WebDatasetSource(DataConfig(shards=str(shards), resolution=16, recaption="json:gold_captions"))
+    first = listed.decode(next(listed.records(0)))
+    assert isinstance(first, Skip) and "json:gold_captions[0]" in first.reason
+    # one gold caption per sample: element 1 finds nothing in the shard, an error naming it
+    one = WebDatasetSource(DataConfig(shards=str(shards), resolution=16, recaption="json:gold_caption",
+                                      captions={"g1": "json:gold_captions[1]"}))
+    with pytest.raises(CaptionSpecError, match=r"json:gold_captions\[1\].*g1"):
+        list(one.records(0))
+
+
+def test_several_recaptions_per_image_from_a_list_field(tmp_path):
+    from test_train_data import _jpeg, _tar
+
+    recaps = [["First recaption.", "Second recaption."], ["Only one."], [], None]
+    _tar(tmp_path / "00000.tar", {
+        f"00000000{i}": {"jpg": _jpeg(), "txt": b"alt text", "json": json.dumps({"recaps": r}).encode()}
+        for i, r in enumerate(recaps)})
+    cfg = DataConfig(shards=str(tmp_path), resolution=16, recaption="json:recaps[0]",
+                     captions={"second": "json:recaps[1]"})
+    src = WebDatasetSource(cfg)
+    out = [src.decode(r) for r in src.records(0)]
+    assert [(o["recaption"], o["second"]) for o in out] == [
+        ("First recaption.", "Second recaption."), ("Only one.", None), (None, None), (None, None)]
+    n = 20_000
+    has = {"original": torch.ones(n, dtype=torch.bool), "recaption": torch.ones(n, dtype=torch.bool),
+           "second": torch.arange(n) % 2 == 0}  # half the images have a second recaption
+    choice, counts = choose_named(has, {"recaption": 1.0, "second": 1.0}, 0.0, torch.Generator().manual_seed(0))
+    assert _within(counts.fallbacks["second->recaption"], n, 0.25)  # drawn second, had none: the first one
+    assert counts.chosen["original"] == 0  # weight 0, and every sample had a weighted caption
+
+
+@pytest.mark.parametrize("captions,match", [
+    ({"short": "first_sentence:long"}, "not one of the named captions"),
+    ({"a": "first_sentence:b", "b": "first_sentence:a"}, "cycle"),
+    ({"Bad-Name": "txt"}, "not a usable caption name"),
+    ({"pixels": "txt"}, "not a usable caption name"),
+    ({"original": None, "recaption": None}, "removes every caption"),
+    ({"x": "first_sentence:"}, "takes the name"),
+])
+def test_bad_named_captions_are_refused(captions, match):
+    with pytest.raises((ValueError, CaptionSpecError), match=match):
+        DataConfig(shards="x", captions=captions)
+
+
+def test_weights_must_name_defined_captions(train_assets, train_shards, tmp_path):
+    shards, side = train_shards
+    raw = train_config_dict(train_assets, shards, tmp_path / "r", side, mixing={"p": 0.0, "weights": {"short": 1.0}})
+    with pytest.raises(ConfigError, match="does not define.*short"):
+        from_dict(TrainConfig, raw)
+
+
+NAMED = dict(data={"captions": {"first_sentence": "first_sentence:recaption"}},
+             mixing={"p": 0.0, "weights": {"recaption": 0.5, "first_sentence": 0.4, "original": 0.1}})
+
+
+def test_cache_stores_every_named_caption_and_refuses_other_captions(tmp_path, train_assets, train_shards):
+    from t2i_recap import cache
+    from t2i_recap.data import build_source
+
+    shards, side = train_shards
+    cache_dir = tmp_path / "cache"
+    two = from_dict(TrainConfig, train_config_dict(train_assets, shards, tmp_path / "a", side))
+    named = from_dict(TrainConfig, train_config_dict(train_assets, shards, tmp_path / "b", side, **NAMED))
+    enc = cache.FeatureEncoder(named.features, named.text_encoder)
+    # a two-caption config keeps the fingerprint it had (existing caches stay valid)
+    assert enc.fingerprint(two.data)["captions"] == {"original": "txt", "recaption": "sidecar:re_caption"}
+    src = build_source(named.data)
+    fp = cache.write_fingerprint(enc, named.data, cache_dir)
+    assert cache.prepare_cache(enc, src, named.data, cache_dir, fp_hash=fp)["built"] == 2
+    cached = cache.CacheSource(cache_dir, src.shards, fp)
+    rows = [cached.decode(r) for r in cached.records(0)]
+    raw = [src.decode(r) for r in src.records(0)]
+    assert {"first_sentence_emb", "first_sentence_mask", "has_first_sentence"} <= set(rows[0])
+    assert [bool(r["has_first_sentence"]) for r in rows] == [x["first_sentence"] is not None for x in raw]
+    # the first sentence is encoded, not the whole recaption
+    has = next(i for i, x in enumerate(raw) if x["first_sentence"])
+    assert rows[has]["first_sentence_mask"].sum() < rows[has]["recaption_mask"].sum()
+    # a cache built for other captions is stale: rebuilt, and never read under the other fingerprint
+    src2 = build_source(two.data)
+    assert cache.prepare_cache(enc, src2, two.data, cache_dir)["built"] == 2
+    with pytest.raises(RuntimeError, match="fingerprint"):
+        cache.CacheSource(cache_dir, src.shards, fp)
+
+
+def test_named_caption_run_resumes_exactly_and_counts(tmp_path, train_assets, train_shards):
+    from t2i_recap.trainer import train
+    from test_train_loop import _assert_close, _tensors
+
+    shards, side = train_shards
+
+    def cfg(run, steps):
+        sections = {**NAMED, "trainer": {"max_steps": steps}, "checkpoint": {"every_steps": 2, "keep": 3}}
+        return from_dict(TrainConfig, train_config_dict(train_assets, shards, tmp_path / run, side, **sections))
+
+    straight = train(cfg("straight", 6))
+    train(cfg("resumed", 2))
+    resumed = train(cfg("resumed", 6), resume="latest")
+    for name in ("model", "ema", "optimizer"):
+        _assert_close(_tensors(tmp_path / "straight", 6, name), _tensors(tmp_path / "resumed", 6, name))
+    assert straight["mix_counts"] == resumed["mix_counts"]
+    counts = straight["mix_counts"]
+    assert counts["chosen"]["first_sentence"] > 0 and counts["chosen"]["recaption"] > 0
+    assert sum(counts["chosen"].values()) + counts["empty"] == 24
+    # every fifth sidecar row failed: its recaption and first sentence fall back to the original, counted
+    assert any(k.endswith("->original") for k in counts["fallbacks"])
+    summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert summary["mix_counts"] == counts and "first_sentence" in summary["truncated"]
