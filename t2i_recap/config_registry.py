@@ -29,7 +29,7 @@ class RecipeError(ValueError):
 REGISTRY: dict[str, dict[str, str]] = {
     "train": {"": "t2i_recap.train_config:TrainConfig"},
     "caption": {"": "t2i_recap.captioner.run:CaptionRunConfig",
-                "finetune": "t2i_recap.captioner.finetune:FinetuneConfig"},
+                "finetune": "t2i_recap.captioner.finetune_config:FinetuneConfig"},
     "eval": {"": "t2i_recap.evaluate.run:EvalConfig"},
     "assets": {"": "t2i_recap.shapes.assets:AssetsConfig"},
     "clip": {"": "t2i_recap.clip.config:ClipTrainConfig"},

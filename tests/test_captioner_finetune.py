@@ -11,19 +11,19 @@ import pytest
 import torch
 
 from fixtures_captioner_train import FAST_FINETUNE
-from t2i_recap.captioner import finetune
+from t2i_recap.captioner import finetune, finetune_config, finetune_data, finetune_model
 from t2i_recap.config import load_config
 
 
 def _cfg(shards, clip, *extra):
-    return load_config(finetune.FinetuneConfig, None,
+    return load_config(finetune_config.FinetuneConfig, None,
                        [f"data.shards={shards}", f"build.clip={clip}", *FAST_FINETUNE, *extra])
 
 
 def test_built_captioner_keeps_the_clip_vision_tower(captioner_clip_dir):
     from transformers import CLIPVisionModel
 
-    model, processor = finetune.build_captioner(_cfg("x", captioner_clip_dir).build)
+    model, processor = finetune_model.build_captioner(_cfg("x", captioner_clip_dir).build)
     clip = CLIPVisionModel.from_pretrained(str(captioner_clip_dir)).state_dict()
     tower = model.model.vision_tower.state_dict()
     assert all(torch.equal(clip[k], tower[k]) for k in clip)
@@ -39,11 +39,11 @@ def test_labels_cover_the_answer_only_and_prompt_matches_the_backend(shapes_shar
     from t2i_recap.captioner.prompts import RECAP_PROMPT
 
     cfg = _cfg(shapes_shards, captioner_clip_dir)
-    pairs, _ = finetune.read_pairs(cfg.data)
-    model, processor = finetune.build_captioner(cfg.build)
+    pairs, _ = finetune_data.read_pairs(cfg.data)
+    model, processor = finetune_model.build_captioner(cfg.build)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
-    batcher = finetune.Batcher(processor, "recap", cfg.train.max_length)
+    batcher = finetune_data.Batcher(processor, "recap", cfg.train.max_length)
     examples = batcher.encode(pairs[:3])
     batch = batcher.collate(examples)
     tok = processor.tokenizer
@@ -63,29 +63,29 @@ def test_answer_only_logits_give_transformers_own_loss(shapes_shards, captioner_
     """`forward` projects only the labelled positions to the vocabulary; the loss must be the one
     LlavaForConditionalGeneration computes over every position, with pixels or cached features."""
     cfg = _cfg(shapes_shards, captioner_clip_dir)
-    pairs, _ = finetune.read_pairs(cfg.data)
-    model, processor = finetune.build_captioner(cfg.build)
-    batcher = finetune.Batcher(processor, "recap", cfg.train.max_length)
+    pairs, _ = finetune_data.read_pairs(cfg.data)
+    model, processor = finetune_model.build_captioner(cfg.build)
+    batcher = finetune_data.Batcher(processor, "recap", cfg.train.max_length)
     examples = batcher.encode(pairs[:4])
     with torch.no_grad():
         batch = batcher.collate(examples)
         reference = model(**batch).loss
         assert reference.item() > 0
-        torch.testing.assert_close(finetune.forward(model, batch), reference, rtol=1e-5, atol=1e-6)
-        finetune.cache_vision_features(model, examples)
+        torch.testing.assert_close(finetune_model.forward(model, batch), reference, rtol=1e-5, atol=1e-6)
+        finetune_model.cache_vision_features(model, examples)
         cached = batcher.collate(examples)
         assert "vision_features" in cached and "pixel_values" not in cached
-        torch.testing.assert_close(finetune.forward(model, cached), reference, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(finetune_model.forward(model, cached), reference, rtol=1e-5, atol=1e-6)
 
 
 def test_device_setting(monkeypatch):
-    assert finetune.TrainSettings(device="cpu").resolved_device() == torch.device("cpu")
+    assert finetune_config.TrainSettings(device="cpu").resolved_device() == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert finetune.TrainSettings().resolved_device() == torch.device("cpu")  # auto without a GPU
+    assert finetune_config.TrainSettings().resolved_device() == torch.device("cpu")  # auto without a GPU
     with pytest.raises(ValueError, match="train.device='cuda'.*no CUDA"):
-        finetune.TrainSettings(device="cuda").resolved_device()
+        finetune_config.TrainSettings(device="cuda").resolved_device()
     with pytest.raises(ValueError, match="mixed_precision"):
-        finetune.TrainSettings(mixed_precision="fp8")
+        finetune_config.TrainSettings(mixed_precision="fp8")
 
 
 def test_finetune_cli_saves_a_standard_folder_that_generates(shapes_shards, captioner_clip_dir, tmp_path):
@@ -106,7 +106,7 @@ def test_finetune_cli_saves_a_standard_folder_that_generates(shapes_shards, capt
     assert type(processor).__name__ == "LlavaProcessor" and processor.chat_template
     assert not list(out.glob("*.bin")) and (out / "model.safetensors").is_file()
     gens = TransformersBackend(str(out), device="cpu").caption(
-        [finetune.read_pairs(_cfg(shapes_shards, captioner_clip_dir).data)[0][0].image] * 2, ["x", "x"],
+        [finetune_data.read_pairs(_cfg(shapes_shards, captioner_clip_dir).data)[0][0].image] * 2, ["x", "x"],
         max_new_tokens=5)
     assert len(gens) == 2 and all(g.num_tokens <= 5 for g in gens)
     assert model.config.text_config.num_hidden_layers == 1
@@ -130,7 +130,7 @@ def test_lora_merged_and_kept_adapter(shapes_shards, captioner_clip_dir, tmp_pat
 
     cfg = _cfg(shapes_shards, captioner_clip_dir, "lora.enabled=true", "lora.r=4", "lora.merge=false",
                "train.lr=1e-2", "train.epochs=2")
-    base, _ = finetune.build_captioner(cfg.build)
+    base, _ = finetune_model.build_captioner(cfg.build)
     summary = finetune.finetune(cfg, tmp_path / "lora")
     assert summary["lora"] == "merged + adapter/"
     merged = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "lora"))
@@ -168,8 +168,8 @@ def test_bad_samples_are_skipped_with_their_reason(shapes_shards, tmp_path):
         ("bad000002.png", next(d for n, d in good if n.endswith(".png"))), ("bad000002.json", no_caption),
         ("bad000003.png", b""), ("bad000003.json", b"{not json"),
     ])
-    cfg = finetune.DataConfig(shards=str(tmp_path))
-    pairs, skipped = finetune.read_pairs(cfg)
+    cfg = finetune_config.FinetuneDataConfig(shards=str(tmp_path))
+    pairs, skipped = finetune_data.read_pairs(cfg)
     assert len(pairs) == 8  # the 8 curated samples of the copied shard
     reasons = " | ".join(skipped)
     assert "not a recognised image format" in reasons and "no caption in field 'gold_caption'" in reasons
@@ -180,13 +180,13 @@ def test_a_list_field_gives_one_pair_per_caption(tmp_path):
     from t2i_recap.shapes.make import make_dataset
 
     make_dataset(tmp_path / "shards", 16, curated_fraction=0.25, gold_captions=3, progress=False)
-    pairs, _ = finetune.read_pairs(finetune.DataConfig(shards=str(tmp_path / "shards"), caption_field="gold_captions"))
+    pairs, _ = finetune_data.read_pairs(finetune_config.FinetuneDataConfig(shards=str(tmp_path / "shards"), caption_field="gold_captions"))
     assert len(pairs) == 4 * 3 and len({p.key for p in pairs}) == 4
     by_key = {}
     for p in pairs:
         by_key.setdefault(p.key, []).append(p.caption)
     assert all(len(set(c)) > 1 for c in by_key.values())  # other wordings of one image
-    single, _ = finetune.read_pairs(finetune.DataConfig(shards=str(tmp_path / "shards")))
+    single, _ = finetune_data.read_pairs(finetune_config.FinetuneDataConfig(shards=str(tmp_path / "shards")))
     assert [p.caption for p in single] == [c[0] for c in by_key.values()]
 
 
@@ -194,18 +194,18 @@ def test_bad_config_values_name_the_key(tmp_path):
     from t2i_recap.config import ConfigError
 
     with pytest.raises(ConfigError, match="hidden_size"):
-        load_config(finetune.FinetuneConfig, None, ["build.hidden_size=30", "build.num_heads=4"])
+        load_config(finetune_config.FinetuneConfig, None, ["build.hidden_size=30", "build.num_heads=4"])
     with pytest.raises(ConfigError, match="nothing|lr"):
-        load_config(finetune.FinetuneConfig, None, ["train.lr=0"])
+        load_config(finetune_config.FinetuneConfig, None, ["train.lr=0"])
     with pytest.raises(ValueError, match="--shards"):
-        finetune.read_pairs(finetune.DataConfig())
+        finetune_data.read_pairs(finetune_config.FinetuneDataConfig())
 
 
 def test_max_steps_cuts_the_schedule():
-    o = finetune.TrainSettings(epochs=3, batch_size=4, max_steps=5)
+    o = finetune_config.TrainSettings(epochs=3, batch_size=4, max_steps=5)
     got = list(finetune.batches(list(range(10)), o))
     assert len(got) == finetune.num_steps(10, o) == 5 and [e for e, _ in got] == [0, 0, 0, 1, 1]
-    o = finetune.TrainSettings(epochs=2, batch_size=4)
+    o = finetune_config.TrainSettings(epochs=2, batch_size=4)
     got = list(finetune.batches(list(range(10)), o))
     assert finetune.num_steps(10, o) == len(got) == 6
     assert sorted(j for e, idx in got if e == 1 for j in idx) == list(range(10))  # every pair once per epoch
@@ -226,9 +226,9 @@ def test_clip_tokenizer_truncation_defaults_never_cut_the_prompt(captioner_clip_
     tok_cfg = json.loads((clip / "tokenizer_config.json").read_text())
     tok_cfg.update(max_length=20, truncation_strategy="longest_first")
     (clip / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
-    model, processor = finetune.build_captioner(_cfg("x", clip).build)
-    enc = finetune.encode_prompts(processor, [Image.new("RGB", (32, 32))], [RECAP_PROMPT])
-    assert len(enc["input_ids"][0]) == finetune._expected_lengths(processor, [[{"role": "user", "content": [
+    model, processor = finetune_model.build_captioner(_cfg("x", clip).build)
+    enc = finetune_data.encode_prompts(processor, [Image.new("RGB", (32, 32))], [RECAP_PROMPT])
+    assert len(enc["input_ids"][0]) == finetune_data._expected_lengths(processor, [[{"role": "user", "content": [
         {"type": "image"}, {"type": "text", "text": RECAP_PROMPT}]}]])[0] > 40
     processor.save_pretrained(tmp_path / "saved")
     assert "max_length" not in json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())

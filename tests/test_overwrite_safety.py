@@ -158,7 +158,8 @@ def test_replace_dir_rules(tmp_path):
 
 
 def test_caption_finetune_refuses_a_user_folder_before_training(tmp_path):
-    from t2i_recap.captioner.finetune import FinetuneConfig, finetune
+    from t2i_recap.captioner.finetune import finetune
+    from t2i_recap.captioner.finetune_config import FinetuneConfig
 
     mine = tmp_path / "captioner"
     mine.mkdir()
