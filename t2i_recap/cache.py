@@ -135,6 +135,8 @@ class FeatureEncoder:
         out = self.encode_images(batch["pixels"])
         for name in names:
             out.update(self.encode_captions(batch[name], name))
+        if "flagged_recaption" in batch:  # data.flagged_recaptions: counted at train time
+            out["flagged_recaption"] = batch["flagged_recaption"]
         return out
 
     def empty(self) -> dict[str, torch.Tensor]:
@@ -325,6 +327,8 @@ class CacheSource:
         for name in (k[len("has_"):] for k in h.keys() if k.startswith("has_")):
             out[f"has_{name}"] = out[f"has_{name}"].bool()
             out[f"{name}_truncated"] = out[f"{name}_truncated"].bool()
+        if "flagged_recaption" in out:
+            out["flagged_recaption"] = out["flagged_recaption"].bool()
         out["key"] = rec.key
         return out
 

@@ -100,8 +100,9 @@ class SampleView:
     """The sample's recaption sidecar row, when one is joined."""
     captioned: tuple[str, ...] = ("ok", "success")
     """Sidecar statuses of a usable recaption (skipped / failed rows hold none)."""
-    row_usable: bool = True
-    """False when the sidecar row's recaption is flagged and data.flagged_recaptions drops it."""
+    recaption_flagged: bool = False
+    """The sidecar row's recaption was flagged by the captioner and data.flagged_recaptions=fallback:
+    its generated columns (every sidecar column but org_caption) read as missing."""
     _json: Any = dataclasses.field(default=None, init=False, repr=False)
     _json_read: bool = dataclasses.field(default=False, init=False, repr=False)
 
@@ -145,7 +146,9 @@ def _value(spec: CaptionSpec, view: SampleView) -> Any:
         meta = view.json()
         return None if meta is None else meta.get(spec.name)
     row = view.sidecar_row
-    if row is None or row.get("status", "ok") not in view.captioned or not view.row_usable:
+    if row is None or row.get("status", "ok") not in view.captioned:
+        return None
+    if view.recaption_flagged and spec.name != "org_caption":
         return None
     return row.get(spec.name)
 

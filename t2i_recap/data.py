@@ -29,7 +29,7 @@ import dataclasses
 import itertools
 import random
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -47,8 +47,10 @@ from t2i_recap.sidecar_join import CAPTIONED, open_join
 log = get_logger(__name__)
 
 _CAPTIONED = CAPTIONED  # sidecar statuses of a usable recaption (skipped/failed rows hold none)
+FLAGGED = "recaption flagged by the captioner"  # the reason of a sample dropped by data.flagged_recaptions=drop
 # Example / batch / feature keys that are not caption names.
-RESERVED_NAMES = ("key", "pixels", "cursor", "skipped", "mean", "logvar", "emb", "mask", "empty", "source")
+RESERVED_NAMES = ("key", "pixels", "cursor", "skipped", "mean", "logvar", "emb", "mask", "empty", "source",
+                  "flagged_recaption", "dropped_flagged")
 
 
 @dataclasses.dataclass
@@ -89,6 +91,11 @@ class DataConfig:
     """DataLoader worker processes per rank for decoding."""
     min_recaption_coverage: float = 0.99
     """Share of a shard's samples that must find their row in its recaption sidecar; below it training stops."""
+    flagged_recaptions: Literal["keep", "drop", "fallback"] | None = None
+    """Recaptions the captioner flagged in its sidecar (finish_reason "length": cut at the token cap;
+    repetition: true): keep (null = keep: trained on), drop (the sample is skipped) or fallback (the
+    sample trains on its other captions: every sidecar column but org_caption reads as missing).
+    Each is counted in summary.json (mix_counts.flagged_recaptions / dropped_flagged)."""
 
     def __post_init__(self) -> None:
         if self.shards and self.hf_dataset:
@@ -100,6 +107,8 @@ class DataConfig:
             raise ValueError(f"resolution must be >= 8, got {self.resolution}")
         if not 0.0 <= self.min_recaption_coverage <= 1.0:
             raise ValueError(f"min_recaption_coverage must be in [0, 1], got {self.min_recaption_coverage}")
+        if self.flagged_recaptions not in (None, "keep", "drop", "fallback"):
+            raise ValueError(f"data.flagged_recaptions must be keep, drop or fallback, got {self.flagged_recaptions!r}")
         if self.shuffle_buffer < 1 or self.hf_rows_per_shard < 1 or self.num_workers < 0:
             raise ValueError("shuffle_buffer and hf_rows_per_shard must be >= 1, num_workers >= 0")
 
@@ -121,7 +130,10 @@ class DataConfig:
     def caption_fingerprint(self) -> dict:
         """What the feature cache's text features depend on: the named captions' specs (the same dict as
         before named captions for a two-caption config, so existing caches stay valid)."""
-        return self.caption_specs()
+        fp: dict = self.caption_specs()
+        if self.flagged_recaptions == "fallback":  # drop is applied when batches are made, keep changes nothing
+            fp = {**fp, "flagged_recaptions": self.flagged_recaptions}
+        return fp
 
     def parsed_specs(self) -> dict:
         return {name: parse_spec(spec, f"data.captions.{name}") for name, spec in self.caption_specs().items()}
@@ -219,7 +231,8 @@ class WebDatasetSource:
 
     def _captions(self, raw, row: dict | None) -> dict[str, str | None] | str:
         """The named captions of a sample, or why the sample has none (a json member that is not an object)."""
-        view = SampleView(raw.files, sidecar_row=row, captioned=tuple(_CAPTIONED))
+        view = SampleView(raw.files, sidecar_row=row, captioned=tuple(_CAPTIONED),
+                          recaption_flagged=self.cfg.flagged_recaptions == "fallback" and bool(flag_reason(row)))
         try:
             return resolve_named(self.specs, view, _clean)
         except CaptionSpecError as exc:
@@ -235,7 +248,25 @@ class WebDatasetSource:
         captions = self._captions(raw, row)
         if isinstance(captions, str):
             return Skip(rec.key, rec.shard, captions)
-        return _example(rec, raw.files[ext], captions, self.cfg.resolution)
+        flag = flag_reason(row)
+        if flag and self.cfg.flagged_recaptions == "drop":
+            return Skip(rec.key, rec.shard, f"{FLAGGED} ({flag}); data.flagged_recaptions=drop")
+        return _example(rec, raw.files[ext], captions, self.cfg.resolution, bool(flag))
+
+    def is_dropped(self, rec: Record) -> bool:
+        """True for a sample data.flagged_recaptions=drop leaves out (known without decoding it)."""
+        return self.cfg.flagged_recaptions == "drop" and bool(flag_reason(rec.payload[1]))
+
+
+def flag_reason(row: dict | None) -> str | None:
+    """Why the captioner flagged a sidecar row's recaption (captioner/writer.py Row), or None: it hit
+    the generation cap (finish_reason "length") or repeats itself (repetition). Rows without a usable
+    recaption (status not ok) are never flagged: they hold no recaption to drop."""
+    if not row or row.get("status", "ok") not in _CAPTIONED:
+        return None
+    reasons = [r for r, hit in (("finish_reason=length", row.get("finish_reason") == "length"),
+                                ("repetition", row.get("repetition") is True)) if hit]
+    return ", ".join(reasons) or None
 
 
 def _check_unique_ids(paths: list[Path]) -> None:
@@ -334,7 +365,8 @@ class HFDatasetSource:
         return _example(rec, image, captions, self.cfg.resolution)
 
 
-def _example(rec: Record, image, captions: dict[str, str | None], resolution: int) -> dict | Skip:
+def _example(rec: Record, image, captions: dict[str, str | None], resolution: int,
+             flagged: bool = False) -> dict | Skip:
     if all(text is None for text in captions.values()):
         return Skip(rec.key, rec.shard, "neither an original caption nor a recaption" if len(captions) == 2 else
                     f"none of the captions {', '.join(captions)}")
@@ -342,7 +374,7 @@ def _example(rec: Record, image, captions: dict[str, str | None], resolution: in
         pixels = load_image(image, resolution)
     except (BadImage, OSError, ValueError, Image.DecompressionBombError) as exc:
         return Skip(rec.key, rec.shard, f"image does not decode: {exc}")
-    return {"key": rec.key, "pixels": pixels, **captions}
+    return {"key": rec.key, "pixels": pixels, **captions, "flagged_recaption": torch.tensor(flagged)}
 
 
 def build_source(cfg: DataConfig):
@@ -412,11 +444,31 @@ class BatchStream(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         stream = rank_records(self.source, seed=self.seed, rank=self.rank, world=self.world,
                               buffer=self.buffer, start=self.start)
+        dropped = getattr(self.source, "is_dropped", None)
         for b in itertools.count():
-            chunk = list(itertools.islice(stream, self.batch_size))
+            chunk, left_out = self._take(stream, dropped)
             if b % workers != worker:
                 continue
-            yield self._batch(chunk)
+            batch = self._batch(chunk)
+            batch["dropped_flagged"] += left_out
+            yield batch
+
+    def _take(self, stream: Iterator, dropped) -> tuple[list, int]:
+        """The next batch_size records the source keeps, and how many it left out on the way
+        (data.flagged_recaptions=drop); every worker walks the same stream, so the batches are the same."""
+        if dropped is None:
+            return list(itertools.islice(stream, self.batch_size)), 0
+        chunk, left_out = [], 0
+        while len(chunk) < self.batch_size:
+            cursor, rec = next(stream)
+            if dropped(rec):
+                left_out += 1
+                if left_out > 1000 * self.batch_size:
+                    raise RuntimeError("data.flagged_recaptions=drop leaves out nearly every sample (over "
+                                       f"{left_out} in a row); check the captioner's sidecars")
+                continue
+            chunk.append((cursor, rec))
+        return chunk, left_out
 
     def _batch(self, chunk: list) -> dict:
         good, skipped = [], []
@@ -435,6 +487,7 @@ class BatchStream(torch.utils.data.IterableDataset):
         batch = collate(good)
         batch["cursor"] = list(chunk[-1][0])
         batch["skipped"] = len(skipped)
+        batch["dropped_flagged"] = sum(s.reason.startswith(FLAGGED) for s in skipped)
         return batch
 
 

@@ -69,8 +69,10 @@ class MixCounts:
     """Samples that used each named caption (the empty caption not included)."""
     fallbacks: dict[str, int] = dataclasses.field(default_factory=dict)
     """"DRAWN->USED": samples whose drawn caption was missing, by what they used instead."""
+    flagged_recaptions: int = 0
+    """Samples trained whose recaption the captioner flagged (data.flagged_recaptions keep or fallback)."""
     dropped_flagged: int = 0
-    """Recaptions flagged by the captioner and dropped (data.flagged_recaptions), counted at load time."""
+    """Samples not trained because their recaption was flagged (data.flagged_recaptions=drop)."""
 
     def __post_init__(self) -> None:
         if not self.chosen and (self.original or self.recaption):  # counts saved before named captions

@@ -341,6 +341,8 @@ class Trainer:
             n += len(batch["key"])
             self.cursor = tuple(batch["cursor"])
             self.counts.add(counts)
+            self.counts.flagged_recaptions += int(batch["flagged_recaption"].sum()) if "flagged_recaption" in batch else 0
+            self.counts.dropped_flagged += int(batch.get("dropped_flagged", 0))
             for k, v in trunc.items():
                 self.truncated[k] += v
                 self.truncated["chosen"] += v
