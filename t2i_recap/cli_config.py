@@ -45,6 +45,7 @@ _OPTIONS_KEY = "_cli_options"  # namespace attribute: {options class: flag table
 
 @dataclasses.dataclass(frozen=True)
 class _Flag:
+    cls: type
     flag: str
     dotted: str
     dest: str
@@ -157,7 +158,7 @@ def _add_flags(parser: argparse.ArgumentParser, cls: type, flags: Mapping[str, s
             if "choices" not in kwargs and kwargs.get("action", "append") == "append":
                 kwargs["metavar"] = flag.lstrip("-").replace("-", "_").upper()
             parser.add_argument(flag, dest=dest, default=None, required=enforce and flag in required, **kwargs)
-        table.append(_Flag(flag, dotted, dest, flag in required))
+        table.append(_Flag(cls, flag, dotted, dest, flag in required))
     return table
 
 
@@ -236,6 +237,14 @@ def _nest(flat: dict[str, Any]) -> dict:
     return out
 
 
-def help_lines(cls: type, flags: Mapping[str, str]) -> dict[str, str]:
-    """Flag -> the docstring text its `--help` shows (what tests compare the help output with)."""
-    return {flag: _field(cls, dotted)[1] for flag, dotted in flags.items()}
+def declared_flags(parser: argparse.ArgumentParser) -> dict[str, tuple[type, str, str]]:
+    """Flag -> (dataclass, dotted field, docstring) for every flag this module declared on `parser`."""
+    config = parser.get_default(_CONFIG_KEY)
+    tables = ([config[1]] if config else []) + list((parser.get_default(_OPTIONS_KEY) or {}).values())
+    return {f.flag: (f.cls, f.dotted, _field(f.cls, f.dotted)[1]) for table in tables for f in table}
+
+
+def config_class(parser: argparse.ArgumentParser) -> type | None:
+    """The dataclass `add_config_arguments` declared on `parser` (None if it was not called)."""
+    config = parser.get_default(_CONFIG_KEY)
+    return config[0] if config else None

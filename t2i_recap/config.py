@@ -97,6 +97,21 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _init_values(obj: Any) -> dict:
+    """A dataclass instance's init fields as a mapping, nested sections as mappings too."""
+    return {f.name: _init_values(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else v
+            for f in dataclasses.fields(obj) if f.init}
+
+
+def _section_default(field: dataclasses.Field) -> dict | None:
+    """The values of a section's default instance when its default_factory sets some (`lambda:
+    MixingConfig(cfg_dropout=0.0)`), so a partial mapping overrides those, not the class defaults."""
+    if field.default_factory is dataclasses.MISSING:
+        return None
+    default = field.default_factory()
+    return _init_values(default) if dataclasses.is_dataclass(default) else None
+
+
 def _build(cls: type[T], data: dict, where: str) -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -105,6 +120,9 @@ def _build(cls: type[T], data: dict, where: str) -> T:
         if key not in fields:
             known = ", ".join(sorted(fields))
             raise ConfigError(f"{where}.{key}: unknown key (known keys: {known})".lstrip("."))
+        base = _section_default(fields[key]) if isinstance(value, dict) else None
+        if base is not None and dataclasses.is_dataclass(hints[key]):
+            value = _merge(base, value)
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}".lstrip("."))
     try:
         return cls(**kwargs)

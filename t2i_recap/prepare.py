@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     from t2i_recap.data import build_source
     from t2i_recap.sidecar_join import RecaptionCoverageError, SidecarMismatchError
 
-    cfg = config_from_args(TrainConfig, args)
+    try:
+        cfg = config_from_args(TrainConfig, args)
+    except ConfigError as exc:
+        p.error(str(exc))
     if not cfg.features.cache_dir:
         raise ConfigError(f"{args.config}: features.cache_dir is not set; nothing to prepare")
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

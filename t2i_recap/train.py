@@ -8,6 +8,7 @@ import json
 import sys
 
 from t2i_recap.cli_config import add_config_arguments, add_options, config_from_args, options_from_args
+from t2i_recap.config import ConfigError
 from t2i_recap.logging_utils import setup_logging
 from t2i_recap.train_config import TrainConfig
 
@@ -43,15 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     setup_logging()
     from t2i_recap.caption_specs import CaptionSpecError
     from t2i_recap.sidecar_join import RecaptionCoverageError, SidecarMismatchError
     from t2i_recap.checkpoint import ResumeConfigError
     from t2i_recap.trainer import PREEMPTED_EXIT_CODE, NonFiniteLossError, Preempted, train
 
-    cfg = config_from_args(TrainConfig, args)
-    opts = options_from_args(TrainOptions, args)
+    try:
+        cfg = config_from_args(TrainConfig, args)
+        opts = options_from_args(TrainOptions, args)
+    except ConfigError as exc:
+        parser.error(str(exc))
     try:
         summary = train(cfg, resume=opts.resume, allow_changes=opts.allowed_changes())
     except Preempted as exc:  # SIGTERM/SIGINT: checkpoint saved; a requeue continues with --resume auto

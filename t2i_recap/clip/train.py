@@ -29,7 +29,7 @@ from t2i_recap.checkpoint import Checkpointer, rng_state, set_rng_state
 from t2i_recap.clip.config import ClipTrainConfig
 from t2i_recap.clip.model import build_model, build_processor, load_tokenizer
 from t2i_recap.cli_config import add_config_arguments, add_options, config_from_args, options_from_args
-from t2i_recap.config import save_config, to_dict
+from t2i_recap.config import ConfigError, save_config, to_dict
 from t2i_recap.data import build_source, make_loader
 from t2i_recap.io import atomic_write_text
 from t2i_recap.logging_utils import get_logger, setup_logging
@@ -195,9 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    args = build_parser().parse_args(argv)
-    opts = options_from_args(ClipTrainOptions, args)
-    summary = train(config_from_args(ClipTrainConfig, args), opts.resume)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(ClipTrainConfig, args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    summary = train(cfg, options_from_args(ClipTrainOptions, args).resume)
     log.info("trained %d steps; export: %s", summary["step"], summary.get("export"))
     return 0
 
