@@ -4,6 +4,8 @@
   "json:org_caption"   a field of the `<key>.json` member
   "sidecar:re_caption" a column of the recaption sidecar, joined by key (training only)
   "column:text"        a column of a table (parquet, an HF dataset)
+  "released:re_caption" a column of the released Recap-DataComp-1B parquet, joined by sha256 or url
+                       (`t2i_recap.released`; training only)
   "json:recaps[1]"     element 1 of a list-valued field or column (several recaptions per image)
   "first_sentence:recaption"  derived from another NAMED caption (`t2i_recap.data`'s data.captions):
                        its first sentence
@@ -26,7 +28,7 @@ import json
 import re
 from typing import Any, Callable, Mapping
 
-KINDS = ("member", "json", "sidecar", "column")
+KINDS = ("member", "json", "sidecar", "column", "released")
 _INDEX = re.compile(r"^(?P<name>.+)\[(?P<index>\d+)\]$")
 # The captioner's default original caption where none is named. A webdataset sample (tar or HF
 # webdataset row): json org_caption (Recap-DataComp-1B keeps the alt-text there and the recaption in
@@ -72,7 +74,7 @@ def parse_spec(spec: str, where: str = "caption spec") -> CaptionSpec:
             raise CaptionSpecError(f"{where}: {spec!r}: {kind}: takes the name of another caption of data.captions")
         return CaptionSpec(kind, name, spec)
     if kind not in KINDS[1:] or not name:
-        raise CaptionSpecError(f"{where}: {spec!r} must be EXT, json:FIELD, sidecar:COLUMN, column:NAME, "
+        raise CaptionSpecError(f"{where}: {spec!r} must be EXT, json:FIELD, sidecar:COLUMN, column:NAME, released:COLUMN, "
                                f"FIELD[i] of a list, or {'|'.join(DERIVED)}:CAPTION_NAME")
     index = None
     m = _INDEX.match(name)
@@ -100,6 +102,8 @@ class SampleView:
     """The sample's recaption sidecar row, when one is joined."""
     captioned: tuple[str, ...] = ("ok", "success")
     """Sidecar statuses of a usable recaption (skipped / failed rows hold none)."""
+    released_row: Mapping[str, Any] | None = None
+    """The sample's row of the released captions (data.released_captions), when one matched."""
     recaption_flagged: bool = False
     """The sidecar row's recaption was flagged by the captioner and data.flagged_recaptions=fallback:
     its generated columns (every sidecar column but org_caption) read as missing."""
@@ -145,6 +149,8 @@ def _value(spec: CaptionSpec, view: SampleView) -> Any:
     if spec.kind == "json":
         meta = view.json()
         return None if meta is None else meta.get(spec.name)
+    if spec.kind == "released":
+        return None if view.released_row is None else view.released_row.get(spec.name)
     row = view.sidecar_row
     if row is None or row.get("status", "ok") not in view.captioned:
         return None

@@ -42,6 +42,7 @@ from t2i_recap.identity import file_digest, shard_digest
 from t2i_recap.io import expand_shards
 from t2i_recap.logging_utils import get_logger
 from t2i_recap.shards import iter_tar_samples, shard_id
+from t2i_recap.released import ReleasedCoverage, identity, load_index
 from t2i_recap.sidecar_join import CAPTIONED, open_join
 
 log = get_logger(__name__)
@@ -91,6 +92,12 @@ class DataConfig:
     """DataLoader worker processes per rank for decoding."""
     min_recaption_coverage: float = 0.99
     """Share of a shard's samples that must find their row in its recaption sidecar; below it training stops."""
+    released_captions: str | None = None
+    """The released Recap-DataComp-1B parquet (a file, folder or glob; `t2i_recap.released`), read by
+    caption specs released:COLUMN (e.g. released:re_caption) and joined to the shards' samples by join_on."""
+    join_on: Literal["sha256", "url"] | None = None
+    """Column shared by the released parquet and each sample's img2dataset .json: sha256 (null = sha256:
+    the same image bytes) or url. Shards whose matched share is below min_recaption_coverage stop training."""
     flagged_recaptions: Literal["keep", "drop", "fallback"] | None = None
     """Recaptions the captioner flagged in its sidecar (finish_reason "length": cut at the token cap;
     repetition: true): keep (null = keep: trained on), drop (the sample is skipped) or fallback (the
@@ -107,6 +114,13 @@ class DataConfig:
             raise ValueError(f"resolution must be >= 8, got {self.resolution}")
         if not 0.0 <= self.min_recaption_coverage <= 1.0:
             raise ValueError(f"min_recaption_coverage must be in [0, 1], got {self.min_recaption_coverage}")
+        if self.join_on not in (None, "sha256", "url"):
+            raise ValueError(f"data.join_on must be sha256 or url, got {self.join_on!r}")
+        reads_released = any(s.kind == "released" for s in self.parsed_specs().values())
+        if reads_released != bool(self.released_captions):
+            raise ValueError("a caption spec reads released:COLUMN but data.released_captions is not set" if reads_released
+                             else "data.released_captions is set but no caption reads it (name one released:COLUMN, "
+                             "e.g. data.recaption: released:re_caption)")
         if self.flagged_recaptions not in (None, "keep", "drop", "fallback"):
             raise ValueError(f"data.flagged_recaptions must be keep, drop or fallback, got {self.flagged_recaptions!r}")
         if self.shuffle_buffer < 1 or self.hf_rows_per_shard < 1 or self.num_workers < 0:
@@ -133,6 +147,8 @@ class DataConfig:
         fp: dict = self.caption_specs()
         if self.flagged_recaptions == "fallback":  # drop is applied when batches are made, keep changes nothing
             fp = {**fp, "flagged_recaptions": self.flagged_recaptions}
+        if self.released_captions:
+            fp = {**fp, "released": identity(self.released_captions), "join_on": self.join_on or "sha256"}
         return fp
 
     def parsed_specs(self) -> dict:
@@ -188,6 +204,10 @@ class WebDatasetSource:
         self.caption_names = tuple(self.specs)
         if cfg.uses_sidecar() and not cfg.recaption_dir:
             raise ValueError("a caption spec reads the recaption sidecar (sidecar:...) but data.recaption_dir is not set")
+        self.released = None
+        if cfg.released_captions:
+            columns = sorted({s.name for s in self.specs.values() if s.kind == "released"})
+            self.released = load_index(cfg.released_captions, cfg.join_on or "sha256", columns)
 
     def sidecar_file(self, index: int) -> Path:
         return Path(self.cfg.recaption_dir) / f"{self.shards[index]}.parquet"
@@ -215,11 +235,17 @@ class WebDatasetSource:
                 if self.cfg.uses_sidecar() else None)
         seen: set[str] = set()
         coverage = SpecCoverage(self.specs, path.name)
+        matched = ReleasedCoverage(self.released, self.shards[index], self.cfg.min_recaption_coverage) \
+            if self.released is not None else None
         for raw in iter_tar_samples(path):
             if raw.key in seen and raw.error is None:
                 raw.error = f"duplicate key {raw.key!r} in shard {path.name}; the first sample with it is used"
             seen.add(raw.key)
-            record = Record(self.shards[index], raw.key, (raw, join.row(raw.key) if join and not raw.error else None))
+            released = self._released_row(raw) if matched is not None and not raw.error else None
+            if matched is not None and not raw.error:
+                matched.add(released)
+            record = Record(self.shards[index], raw.key,
+                            (raw, join.row(raw.key) if join and not raw.error else None, released))
             if not raw.error:
                 found = self._captions(*record.payload)
                 if not isinstance(found, str):
@@ -227,11 +253,19 @@ class WebDatasetSource:
             yield record
         if join is not None:
             join.finish()
+        if matched is not None:
+            matched.finish()
         coverage.finish()
 
-    def _captions(self, raw, row: dict | None) -> dict[str, str | None] | str:
+    def _released_row(self, raw) -> dict | None:
+        try:
+            return self.released.lookup(SampleView(raw.files).json())
+        except CaptionSpecError:  # a json member that is not an object matches nothing (the sample is skipped)
+            return None
+
+    def _captions(self, raw, row: dict | None, released: dict | None = None) -> dict[str, str | None] | str:
         """The named captions of a sample, or why the sample has none (a json member that is not an object)."""
-        view = SampleView(raw.files, sidecar_row=row, captioned=tuple(_CAPTIONED),
+        view = SampleView(raw.files, sidecar_row=row, captioned=tuple(_CAPTIONED), released_row=released,
                           recaption_flagged=self.cfg.flagged_recaptions == "fallback" and bool(flag_reason(row)))
         try:
             return resolve_named(self.specs, view, _clean)
@@ -239,13 +273,13 @@ class WebDatasetSource:
             return str(exc)
 
     def decode(self, rec: Record) -> dict | Skip:
-        raw, row = rec.payload
+        raw, row, released = rec.payload
         if raw.error:
             return Skip(rec.key, rec.shard, raw.error)
         ext = next((e for e in self.cfg.image_extensions if e in raw.files), None)
         if ext is None:
             return Skip(rec.key, rec.shard, f"no image member (looked for {self.cfg.image_extensions})")
-        captions = self._captions(raw, row)
+        captions = self._captions(raw, row, released)
         if isinstance(captions, str):
             return Skip(rec.key, rec.shard, captions)
         flag = flag_reason(row)
@@ -301,9 +335,9 @@ class HFDatasetSource:
         # the specs read them exactly as they read the tar (t2i_recap.caption_specs).
         self.webdataset = all(c in ds.column_names for c in WEBDATASET_COLUMNS)
         for which, spec in self.specs.items():
-            if spec.kind == "sidecar":
-                raise ValueError(f"data.{which}={spec.text!r}: sidecars join webdataset shards (data.shards), "
-                                 "not HF datasets")
+            if spec.kind in ("sidecar", "released"):
+                raise ValueError(f"data.{which}={spec.text!r}: {spec.kind} captions join webdataset shards "
+                                 "(data.shards), not HF datasets")
             if spec.derived:
                 continue
             column = "json" if spec.kind == "json" else spec.name
