@@ -1,7 +1,8 @@
 """Input readers: every source becomes a list of shards, each an iterator of `Sample`s.
 
 Sources: img2dataset/webdataset tar shards (the primary one: a folder, glob or brace pattern),
-parquet files with image bytes or image paths, an image folder with `metadata.jsonl` (the HF
+parquet files with image bytes or image paths (both local or in an object store: s3://, http(s)://,
+hf://, streamed through `t2i_recap.storage`), an image folder with `metadata.jsonl` (the HF
 `imagefolder` layout), and Hugging Face `datasets` by name or path (streamed).
 
 A shard is the unit of resume and of the rank split: one sidecar is written per shard. Every
@@ -19,6 +20,7 @@ from typing import Any, Callable, Iterator, Literal
 
 from PIL import Image
 
+from t2i_recap import storage
 from t2i_recap.caption_specs import (TABLE_ORIGINAL, WEBDATASET_COLUMNS, WEBDATASET_ORIGINAL, CaptionSpec,
                                      CaptionSpecError, SampleView, SpecCoverage, parse_spec, resolve, resolve_first)
 from t2i_recap.images import DEFAULT_MAX_PIXELS, BadImage, decode_image
@@ -206,7 +208,7 @@ def _row_caption(row: dict, cols: _Columns, cfg: ReaderConfig) -> Any:
 
 
 def _row_sample(row: dict, cols: _Columns, shard: str, fallback_key: str, cfg: ReaderConfig,
-                base_dir: Path | None) -> Sample:
+                base_dir: Path | str | None) -> Sample:
     key, key_error = _safe_key(row.get(cols.key) if cols.key else fallback_key)
     try:
         caption, notes = decode_caption(_row_caption(row, cols, cfg), cfg.max_caption_chars)
@@ -219,7 +221,7 @@ def _row_sample(row: dict, cols: _Columns, shard: str, fallback_key: str, cfg: R
     return _finish(sample, data, cfg)
 
 
-def _row_image_bytes(row: dict, cols: _Columns, base_dir: Path | None) -> tuple[bytes | None, str | None]:
+def _row_image_bytes(row: dict, cols: _Columns, base_dir: Path | str | None) -> tuple[bytes | None, str | None]:
     value = row.get(cols.image) if cols.image else None
     path = row.get(cols.path) if cols.path else None
     if isinstance(value, dict):  # HF `Image` feature stored as {"bytes": ..., "path": ...}
@@ -241,12 +243,19 @@ def _encode_png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _read_path(path: str, base_dir: Path | None) -> tuple[bytes | None, str | None]:
-    target = Path(path)
-    if base_dir is not None and not target.is_absolute():
-        target = base_dir / target
+def _read_path(path: str, base_dir: Path | str | None) -> tuple[bytes | None, str | None]:
+    """An image file named by a row: a URL, an absolute path, or a path relative to `base_dir` (a local
+    folder or an object-store prefix: the folder of the parquet file that names it)."""
+    if storage.is_url(path):
+        target: Path | str = path
+    elif storage.is_url(base_dir) and not path.startswith("/"):
+        target = f"{str(base_dir).rstrip('/')}/{path}"
+    else:
+        target = Path(path)
+        if base_dir is not None and not target.is_absolute():
+            target = Path(base_dir) / target
     try:
-        return target.read_bytes(), None
+        return storage.read_bytes(target), None
     except OSError as exc:
         return None, f"cannot read image file {path!r}: {exc.strerror or exc}"
 
@@ -254,7 +263,7 @@ def _read_path(path: str, base_dir: Path | None) -> tuple[bytes | None, str | No
 # ---------------------------------------------------------------- webdataset tar shards
 
 
-def _tar_samples(path: Path, cfg: ReaderConfig) -> Iterator[Sample]:
+def _tar_samples(path: Path | str, cfg: ReaderConfig) -> Iterator[Sample]:
     coverage = _coverage(cfg, str(path))
     for raw in iter_tar_samples(path):
         yield _webdataset_sample(raw.key, shard_name(path), raw.error, raw.files, cfg, coverage)
@@ -302,17 +311,16 @@ def _webdataset_caption(files: dict[str, Any], cfg: ReaderConfig, notes: list[st
 # ---------------------------------------------------------------- parquet
 
 
-def _parquet_samples(path: Path, cfg: ReaderConfig) -> Iterator[Sample]:
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(path)
+def _parquet_samples(path: Path | str, cfg: ReaderConfig) -> Iterator[Sample]:
+    pf = storage.parquet_file(path)  # an object is read by row group, through the fsspec filesystem
     cols = _Columns.resolve(pf.schema_arrow.names, cfg, str(path))
     wanted = [c for c in dataclasses.astuple(cols) if c is not None]
     index = 0
     coverage = _coverage(cfg, str(path))
     for batch in pf.iter_batches(batch_size=256, columns=list(dict.fromkeys(wanted))):
         for row in batch.to_pylist():
-            sample = _row_sample(row, cols, shard_name(path), f"{_stem_key(path)}-{index:06d}", cfg, path.parent)
+            sample = _row_sample(row, cols, shard_name(path), f"{_stem_key(path)}-{index:06d}", cfg,
+                                 storage.parent(path))
             if coverage is not None and sample.error is None:
                 coverage.add({"original caption": sample.org_caption})
             yield sample
@@ -321,7 +329,7 @@ def _parquet_samples(path: Path, cfg: ReaderConfig) -> Iterator[Sample]:
         coverage.finish()
 
 
-def _stem_key(path: Path) -> str:
+def _stem_key(path: Path | str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", shard_name(path)).lstrip("._-") or "shard"
 
 
@@ -471,14 +479,14 @@ def _hf_rows(ds, shard: str, start: int, cfg: ReaderConfig) -> Iterator[Sample]:
 # ---------------------------------------------------------------- entry point
 
 
-def shard_name(path: Path) -> str:
+def shard_name(path: Path | str) -> str:
     """`data/00012.tar` -> `00012`: the shard identity every package uses (`t2i_recap.shards.shard_id`)."""
     return shard_id(path)
 
 
 def detect_format(source: str) -> str:
     path = Path(source)
-    if path.is_dir():
+    if not storage.is_url(source) and path.is_dir():
         names = [p.name for p in path.iterdir()]
         if "metadata.jsonl" in names:
             return "imagefolder"
@@ -492,7 +500,7 @@ def detect_format(source: str) -> str:
             return "imagefolder"
         raise ValueError(f"{source}: cannot tell the input format from the folder's files; pass --input-format")
     files = expand_shards(source, suffixes=(".tar", ".tar.gz", ".tgz", ".parquet"))
-    kinds = {"parquet" if p.name.endswith(".parquet") else "webdataset" for p in files}
+    kinds = {"parquet" if str(p).endswith(".parquet") else "webdataset" for p in files}
     if len(kinds) > 1:
         raise ValueError(f"{source}: matches both tar and parquet files; narrow the pattern or pass --input-format")
     return kinds.pop()
@@ -502,6 +510,9 @@ def open_shards(source: str, cfg: ReaderConfig | None = None) -> list[Shard]:
     """All shards of `source`, in a stable order (the rank split and resume depend on it)."""
     cfg = cfg or ReaderConfig()
     fmt = cfg.format if cfg.format != "auto" else detect_format(source)
+    if fmt == "imagefolder" and storage.is_url(source):
+        raise ValueError(f"{source}: an image folder input must be a local folder; put tar or parquet shards in "
+                         "the object store instead")
     if fmt == "hf":
         return _hf_shards(source, cfg)
     if fmt == "imagefolder":

@@ -8,7 +8,8 @@ vs 10.2 words). Provenance (model, prompt, generation settings, counts, throughp
 the parquet schema metadata key `t2i_recap`.
 
 A sidecar only ever appears under its final name once the whole shard is captioned (temp file +
-rename), so its presence means the shard is done: the resume rule img2dataset uses.
+rename; in an object store one PUT of the whole object to its final key, `t2i_recap.storage`), so
+its presence means the shard is done: the resume rule img2dataset uses.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from t2i_recap import sidecar_format, storage
 from t2i_recap.identity import same_content
 from t2i_recap.io import atomic_path
 from t2i_recap.logging_utils import get_logger
-from t2i_recap.sidecar_format import FORMAT, METADATA_KEY, read_info  # noqa: F401  (the contract; read_info re-exported)
+from t2i_recap.sidecar_format import FORMAT, METADATA_KEY  # noqa: F401  (the contract)
 
 log = get_logger(__name__)
 STATUSES = ("ok", "skipped", "failed")
@@ -94,22 +96,39 @@ def word_count(text: str | None) -> int | None:
     return None if text is None else len(text.split())
 
 
-def sidecar_path(out_dir: str | Path, shard_name: str) -> Path:
-    """`<out>/<shard id>.parquet`; `shard_name` is `t2i_recap.shards.shard_id` of the input shard."""
-    return Path(out_dir) / f"{shard_name}.parquet"
+def sidecar_path(out_dir: str | Path, shard_name: str) -> Path | str:
+    """`<out>/<shard id>.parquet`; `shard_name` is `t2i_recap.shards.shard_id` of the input shard.
+
+    A local `out_dir` gives a Path, an object-store URL (`s3://bucket/sidecars`) a URL string."""
+    return storage.join(storage.as_location(out_dir), f"{shard_name}.parquet")
+
+
+def read_info(path: str | Path) -> dict | None:
+    """The provenance JSON of a sidecar (a local file or an object), None if it is not one of ours."""
+    if not storage.is_url(path):
+        return sidecar_format.read_info(path)
+    with storage.open_read(path) as fh:  # the footer is at the end: a seekable read of a few KB
+        return sidecar_format.read_info(fh)
 
 
 def write_sidecar(path: str | Path, rows: list[Row], metadata: dict) -> None:
-    """Write all rows of one shard; the file appears under `path` only when complete."""
+    """Write all rows of one shard; the file (or object) appears under `path` only when complete."""
     table = pa.Table.from_pylist([r.record() for r in rows], schema=SCHEMA)
     meta = {"format": FORMAT, **metadata}
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
+    if storage.is_url(path):
+        storage.write_parquet(str(path), table)  # serialised in memory, then one PUT to the final key
+        return
     with atomic_path(path, suffix=".tmp") as tmp:  # gives it the umask's mode: sidecars are shared data
         pq.write_table(table, tmp)
 
 
 def remove_stale_temps(path: str | Path) -> list[Path]:
-    """Delete temp files a killed run left beside `path` (atomic_path names them `.NAME.*.tmp`)."""
+    """Delete temp files a killed run left beside `path` (atomic_path names them `.NAME.*.tmp`).
+
+    An object store has none: a sidecar object is sent whole, and an upload cut short is never visible."""
+    if storage.is_url(path):
+        return []
     path = Path(path)
     stale = sorted(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.exists() else []
     for p in stale:
@@ -133,8 +152,8 @@ def is_finished(path: str | Path, fingerprint: dict, *, model_path: str | Path |
 def stale_reason(path: str | Path, fingerprint: dict, *, model_path: str | Path | None = None,
                  shard_file: str | Path | None = None) -> str | None:
     """None if the sidecar at `path` is finished and current, else why the shard must be (re)captioned."""
-    path = Path(path)
-    if not path.exists():
+    path = storage.as_location(path)
+    if not storage.exists(path):
         return "no sidecar yet"
     info = read_info(path)
     if info is None:
@@ -150,7 +169,7 @@ def stale_reason(path: str | Path, fingerprint: dict, *, model_path: str | Path 
         raise SidecarMismatch(
             f"{path} was captioned with other settings {diff} (found, wanted); use another --out or delete it"
         )
-    if shard_file is not None and Path(shard_file).is_file():
+    if shard_file is not None and storage.is_file(storage.as_location(shard_file)):
         recorded = (info.get("shard") or {}).get("input") or {}
         if not same_content(shard_file, recorded):
             log.warning("shard %s changed since %s was written (recorded digest %s); recaptioning", shard_file,

@@ -33,6 +33,7 @@ from t2i_recap.data import DataConfig, Record, Skip, collate
 from t2i_recap.identity import model_digest
 from t2i_recap.io import atomic_path, check_model_source
 from t2i_recap.logging_utils import get_logger
+from t2i_recap.storage import is_url
 from t2i_recap.text_encoders import DTYPES, TextEncoder, TextEncoderConfig
 
 log = get_logger(__name__)
@@ -55,7 +56,9 @@ class FeaturesConfig:
     dtype: str = "float16"
     """Storage dtype of cached features (the on-the-fly path rounds to it too)."""
     cache_dir: str | None = None
-    """Feature cache folder; set = train from the cache (stale or missing shards are rebuilt first)."""
+    """Feature cache folder; set = train from the cache (stale or missing shards are rebuilt first). A local
+    (or shared POSIX) folder: its safetensors files are memory-mapped. The shards it is built from may be
+    in an object store (data.shards, data.recaption_dir as s3://, http(s)://, hf:// URLs)."""
     encode_batch_size: int = 64
     """Images per encoder batch in `prepare`."""
 
@@ -65,6 +68,9 @@ class FeaturesConfig:
                 raise ValueError(f"{name} must be one of {list(DTYPES)}, got {getattr(self, name)!r}")
         if self.encode_batch_size < 1:
             raise ValueError("encode_batch_size must be >= 1")
+        if is_url(self.cache_dir):
+            raise ValueError(f"features.cache_dir={self.cache_dir!r}: the feature cache is memory-mapped and must be "
+                             "a local or shared POSIX folder; the shards and sidecars may stay in the object store")
 
 
 class FeatureEncoder:

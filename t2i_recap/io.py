@@ -15,6 +15,8 @@ from typing import Iterable, Iterator
 
 from braceexpand import braceexpand
 
+from t2i_recap import storage
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$")
@@ -125,6 +127,10 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` so that `path` holds the old bytes or all the new ones; a URL gets one whole PUT."""
+    if storage.is_url(path):
+        storage.write_bytes(str(path), data)
+        return
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
@@ -246,12 +252,16 @@ def output_dir(out: str | Path, *, kind: str, overwrite: bool = False, protect: 
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def expand_shards(pattern: str | Path, suffixes: tuple[str, ...] = (".tar",)) -> list[Path]:
+def expand_shards(pattern: str | Path, suffixes: tuple[str, ...] = (".tar",)) -> list[Path | str]:
     """Resolve SHARDS: a folder (its files with `suffixes`), a glob, or a brace pattern.
 
     `data/{00000..00009}.tar` expands like img2dataset/webdataset patterns. Raises
     FileNotFoundError naming the pattern when nothing matches or a named shard is missing.
+    Local shards come back as Paths; an object-store pattern (`s3://bucket/shards/{00000..00009}.tar`,
+    `https://host/shards/00000.tar`) as URL strings (`t2i_recap.storage.expand`).
     """
+    if storage.is_url(pattern):
+        return list(storage.expand(str(pattern), suffixes))
     text = str(pattern)
     path = Path(text)
     if path.is_dir():

@@ -4,6 +4,9 @@ Shared by the captioner and the trainer. A sample is the group of tar members th
 (the member's base name up to its first dot, as webdataset groups them). Nothing is extracted to
 disk, so a member name like `../../x.jpg` cannot write anywhere; such names, links, folders and
 unsafe keys are reported as bad samples with their reason instead of being dropped silently.
+
+A shard may be a local file or an object-store URL (`t2i_recap.storage`): either is opened as a
+file object and read front to back by tarfile's streaming mode, never copied to local disk first.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import tarfile
 from pathlib import Path
 from typing import Iterator
 
+from t2i_recap import storage
 from t2i_recap.io import UnsafeKeyError, check_key
 
 
@@ -37,9 +41,11 @@ def shard_id(path: str | Path) -> str:
 
     The file name without its shard suffix: `data/00012.tar` -> `00012`, `web.00000.tar` ->
     `web.00000` (never cut at the first dot, which would give two shards one name),
-    `x.tar.gz` -> `x`, `part.parquet` -> `part`; any other file keeps its whole name.
+    `x.tar.gz` -> `x`, `part.parquet` -> `part`; any other file keeps its whole name. An object URL
+    is named the same way (`s3://bucket/shards/00012.tar` -> `00012`), so a shard keeps its sidecar
+    and cache file wherever it is stored.
     """
-    name = Path(path).name
+    name = storage.basename(path)
     for suffix in SHARD_SUFFIXES:
         if name.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
@@ -63,10 +69,11 @@ def iter_tar_samples(path: str | Path) -> Iterator[RawSample]:
     Raises `tarfile.ReadError` naming the shard if it is not a readable tar at all; a tar that is
     cut short yields the samples before the damage and then one sample with the error.
     """
-    path = Path(path)
+    path = storage.as_location(path)
+    name = storage.basename(path)
     current: RawSample | None = None
     try:
-        with tarfile.open(path, mode="r|*") as tar:
+        with storage.open_read(path) as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
             for member in tar:
                 if member.isdir() and member.name.strip("./") == "":
                     continue  # the archive's root folder entry (`./`), not a sample
@@ -75,7 +82,7 @@ def iter_tar_samples(path: str | Path) -> Iterator[RawSample]:
                     yield current
                     current = None
                 if current is None:
-                    current = RawSample(key=key, shard=path.name, files={})
+                    current = RawSample(key=key, shard=name, files={})
                     try:
                         check_key(key)
                     except UnsafeKeyError as exc:
@@ -86,10 +93,10 @@ def iter_tar_samples(path: str | Path) -> Iterator[RawSample]:
                 fh = tar.extractfile(member)
                 current.files[ext] = fh.read() if fh is not None else b""
     except (tarfile.ReadError, EOFError, OSError) as exc:
-        if current is None and not path.exists():
+        if current is None and not storage.exists(path):
             raise
         if current is not None:
-            current.error = current.error or f"shard {path.name} is damaged here: {exc}"
+            current.error = current.error or f"shard {name} is damaged here: {exc}"
             yield current
             return
         raise tarfile.ReadError(f"{path}: not a readable tar shard ({exc})") from exc

@@ -6,7 +6,8 @@ shard on disk: a sidecar of another download, or of an older version of the shar
 with an error naming both files. While the samples stream, the join counts how many find their
 row; once more are missing than `data.min_recaption_coverage` allows, training stops, instead of
 training a "p = 0" run on alt-texts. Sidecars made by other tools (no provenance) are joined by
-key and guarded by that count alone.
+key and guarded by that count alone. Shards and sidecars may be local files or object URLs
+(`t2i_recap.storage`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from t2i_recap import storage
 from t2i_recap.identity import same_content, shard_digest, stamp
 from t2i_recap.logging_utils import get_logger
 
@@ -36,8 +38,8 @@ class RecaptionCoverageError(RuntimeError):
 class SidecarJoin:
     """Rows of one sidecar by key, and the running count of samples that found theirs."""
 
-    sidecar: Path
-    shard: Path
+    sidecar: Path | str
+    shard: Path | str
     rows: dict[str, dict]
     min_coverage: float
     samples: int = 0
@@ -78,14 +80,12 @@ class SidecarJoin:
             "other caption. Is data.recaption_dir the sidecar folder of these shards, and did captioning finish?")
 
 
-def open_join(sidecar: Path, shard: Path, min_coverage: float) -> SidecarJoin:
+def open_join(sidecar: Path | str, shard: Path | str, min_coverage: float) -> SidecarJoin:
     """Read `sidecar`, check it was made from `shard`, and index its rows by key."""
-    import pyarrow.parquet as pq
-
-    if not sidecar.is_file():
+    if not storage.is_file(sidecar):
         raise FileNotFoundError(f"recaption sidecar {sidecar} for shard {shard} does not exist (captioner not run "
                                 "or not finished for this shard?)")
-    table = pq.read_table(sidecar)
+    table = storage.read_table(sidecar)
     if "key" not in table.column_names:
         raise ValueError(f"recaption sidecar {sidecar} has no 'key' column (columns: {table.column_names})")
     verify(sidecar, shard, table.num_rows)
@@ -102,11 +102,15 @@ def index_rows(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
-def verify(sidecar: Path, shard: Path, num_rows: int) -> None:
+def verify(sidecar: Path | str, shard: Path | str, num_rows: int) -> None:
     """Raise SidecarMismatchError unless `sidecar` records `shard`'s content (or records no shard at all)."""
     from t2i_recap.sidecar_format import read_info
 
-    info = read_info(sidecar)
+    if storage.is_url(sidecar):
+        with storage.open_read(sidecar) as fh:
+            info = read_info(fh)
+    else:
+        info = read_info(sidecar)
     recorded = ((info or {}).get("shard") or {}).get("input")
     if not recorded:
         if str(sidecar) not in _warned:
