@@ -38,7 +38,8 @@ from PIL import Image, ImageOps
 from t2i_recap.caption_specs import (WEBDATASET_COLUMNS, CaptionSpecError, SampleView, SpecCoverage, caption_order,
                                      parse_spec, resolve_named)
 from t2i_recap.images import BadImage, decode_image, decode_pil
-from t2i_recap.identity import file_digest, shard_digest
+from t2i_recap import storage
+from t2i_recap.identity import file_digest, shard_digest, stamp
 from t2i_recap.io import expand_shards
 from t2i_recap.logging_utils import get_logger
 from t2i_recap.shards import iter_tar_samples, shard_id
@@ -209,23 +210,24 @@ class WebDatasetSource:
             columns = sorted({s.name for s in self.specs.values() if s.kind == "released"})
             self.released = load_index(cfg.released_captions, cfg.join_on or "sha256", columns)
 
-    def sidecar_file(self, index: int) -> Path:
-        return Path(self.cfg.recaption_dir) / f"{self.shards[index]}.parquet"
+    def sidecar_file(self, index: int) -> Path | str:
+        return storage.join(storage.as_location(self.cfg.recaption_dir), f"{self.shards[index]}.parquet")
 
     def shard_stat(self, index: int) -> dict:
         """Size and mtime of the shard (and its sidecar): the feature cache's cheap freshness check."""
         path = self.paths[index]
-        stat = {"shard": self.shards[index], "size": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns}
+        stat = {"shard": self.shards[index], **stamp(path)}  # a local file's stat, an object's size + last-modified
         if self.cfg.uses_sidecar():
             side = self.sidecar_file(index)
-            if side.is_file():
-                stat.update(sidecar_size=side.stat().st_size, sidecar_mtime_ns=side.stat().st_mtime_ns)
+            if storage.is_file(side):
+                side_stamp = stamp(side)
+                stat.update(sidecar_size=side_stamp["size"], sidecar_mtime_ns=side_stamp["mtime_ns"])
         return stat
 
     def shard_content(self, index: int) -> dict:
         """Content digests of the shard (and its sidecar): what a cache file is valid for, wherever it lies."""
         out = {"shard": shard_digest(self.paths[index])}
-        if self.cfg.uses_sidecar() and self.sidecar_file(index).is_file():
+        if self.cfg.uses_sidecar() and storage.is_file(self.sidecar_file(index)):
             out["sidecar"] = file_digest(self.sidecar_file(index))
         return out
 
@@ -234,12 +236,12 @@ class WebDatasetSource:
         join = (open_join(self.sidecar_file(index), path, self.cfg.min_recaption_coverage)
                 if self.cfg.uses_sidecar() else None)
         seen: set[str] = set()
-        coverage = SpecCoverage(self.specs, path.name)
+        coverage = SpecCoverage(self.specs, storage.basename(path))
         matched = ReleasedCoverage(self.released, self.shards[index], self.cfg.min_recaption_coverage) \
             if self.released is not None else None
         for raw in iter_tar_samples(path):
             if raw.key in seen and raw.error is None:
-                raw.error = f"duplicate key {raw.key!r} in shard {path.name}; the first sample with it is used"
+                raw.error = f"duplicate key {raw.key!r} in shard {raw.shard}; the first sample with it is used"
             seen.add(raw.key)
             released = self._released_row(raw) if matched is not None and not raw.error else None
             if matched is not None and not raw.error:
