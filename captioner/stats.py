@@ -274,20 +274,39 @@ def _md(text: str) -> str:
 
 # ----------------------------------------------------------------------------- command
 
-def compute_stats(sidecars_dir: str, clip: str | None = None, tokenizer: str | None = None,
-                  images: str | None = None) -> tuple[dict, dict]:
-    """Returns (stats, length lists for the histogram)."""
+def read_released(pattern: str, images: str, join_on: str, min_coverage: float) -> tuple[Sidecars, dict]:
+    """The released Recap-DataComp-1B captions of the samples of the download `images`, joined by
+    sha256 or url (t2i_recap.released), as sidecar rows; plus the match report."""
+    from t2i_recap.released import expand, join_download
+
+    rows, report = join_download(pattern, images, join_on, min_coverage)
+    return Sidecars(rows, [], expand(pattern)), report
+
+
+def compute_stats(sidecars_dir: str | None, clip: str | None = None, tokenizer: str | None = None,
+                  images: str | None = None, released: str | None = None, join_on: str = "sha256",
+                  min_coverage: float = 0.99) -> tuple[dict, dict]:
+    """Returns (stats, length lists for the histogram); `released` reads the released captions
+    instead of sidecars, joined to the download `images`."""
     from transformers import AutoTokenizer
 
-    side = read_sidecars(sidecars_dir)
+    report = None
+    if released:
+        if not images:
+            raise ValueError("--released needs --images: the img2dataset download to join the released captions to")
+        side, report = read_released(released, images, join_on, min_coverage)
+    else:
+        side = read_sidecars(sidecars_dir)
     models = {str(i.get("model")) for i in side.infos}
     captioner = next(iter(models)) if len(models) == 1 and Path(next(iter(models))).is_dir() else None
     tok_path = tokenizer or clip or captioner  # CLIP's tokenizer first: its 77-token limit is the trap
     tok = AutoTokenizer.from_pretrained(tok_path) if tok_path else None
     caps = {int(i.get("generation", {}).get("max_new_tokens") or 0) for i in side.infos} - {0}
-    stats = {"sidecars": str(sidecars_dir), "files": len(side.files),
+    stats = {"sidecars": str(released or sidecars_dir), "files": len(side.files),
              "captions": caption_stats(side.rows, tok, max(caps) if caps else None),
              "throughput": throughput(side.infos)}
+    if report is not None:
+        stats["released"] = report
     ok = [r for r in side.rows if r.get("status") == "ok" and r.get("re_caption") is not None]
     org = [r["org_caption"] for r in side.rows if r.get("org_caption")]
     lists = {"words": {"original": [len(t.split()) for t in org], "recaption": [len(r["re_caption"].split()) for r in ok]},
@@ -320,14 +339,22 @@ def _clip_section(side: Sidecars, ok: list[dict], clip: str, images: str | None)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="t2i-recap caption stats", description=__doc__.split("\n")[0])
-    parser.add_argument("--sidecars", required=True, help="folder of recaption sidecars (*.parquet)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--sidecars", help="folder of recaption sidecars (*.parquet)")
+    source.add_argument("--released", help="the released Recap-DataComp-1B parquet (file, folder or glob), joined "
+                        "to the download given by --images")
+    parser.add_argument("--join-on", choices=("sha256", "url"), default="sha256",
+                        help="--released: the column the release and the samples' .json share")
+    parser.add_argument("--min-coverage", type=float, default=0.99,
+                        help="--released: fail when a smaller share of the samples matches a released row")
     parser.add_argument("--out", required=True, help="folder for stats.json, stats.md, lengths.png")
     parser.add_argument("--clip", help="local CLIP folder: CLIP score of original vs recaption")
     parser.add_argument("--tokenizer", help="tokenizer for token lengths (default: the CLIP's, else the captioner's)")
     parser.add_argument("--images", help="the captioned input (default: the shard sources in the sidecars)")
     args = parser.parse_args(argv)
     setup_logging()
-    stats, lists = compute_stats(args.sidecars, args.clip, args.tokenizer, args.images)
+    stats, lists = compute_stats(args.sidecars, args.clip, args.tokenizer, args.images, args.released,
+                                 args.join_on, args.min_coverage)
     out = Path(args.out)
     if not available("matplotlib"):  # the plot only: stats.json and stats.md are complete without it
         stats["plot_skipped"] = "matplotlib is not installed (pip install 't2i-recap[caption]')"

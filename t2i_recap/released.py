@@ -137,3 +137,36 @@ class ReleasedCoverage:
                 f"{' ...' if len(self.index.files) > 3 else ''}). Are these the parquet files of this download, "
                 "and does its .json hold that column (img2dataset's compute_hash=sha256 writes sha256)?")
         return {"shard": self.shard, "samples": self.samples, "matched": self.matched}
+
+
+def join_download(pattern: str, shards: str, join_on: str = "sha256", min_coverage: float = 0.0,
+                  columns: tuple[str, ...] = ("org_caption", "re_caption")) -> tuple[list[dict], dict]:
+    """The released rows of the samples of an img2dataset download (`shards`: folder, glob or brace
+    pattern of tars), as sidecar-like rows (key, shard, status "ok", the released columns), and a
+    report of how many samples matched; ReleasedCoverageError below `min_coverage` over all shards."""
+    from t2i_recap.caption_specs import CaptionSpecError, SampleView
+    from t2i_recap.io import expand_shards
+    from t2i_recap.shards import iter_tar_samples, shard_id
+
+    index = load_index(pattern, join_on, list(columns))
+    rows, samples = [], 0
+    for path in expand_shards(shards):
+        for raw in iter_tar_samples(path):
+            if raw.error:
+                continue
+            samples += 1
+            try:
+                row = index.lookup(SampleView(raw.files).json())
+            except CaptionSpecError:
+                row = None
+            if row is not None:
+                rows.append({**row, "key": raw.key, "shard": shard_id(path), "status": "ok"})
+    share = len(rows) / samples if samples else 0.0
+    report = {"files": [f.name for f in index.files], "join_on": join_on, "samples": samples, "matched": len(rows),
+              "share": round(share, 4)}
+    log.info("released captions: %d of %d samples of %s matched by %s", len(rows), samples, shards, join_on)
+    if share + _EPS < min_coverage:
+        raise ReleasedCoverageError(
+            f"only {len(rows)} of {samples} samples of {shards} match a row of the released captions {pattern} by "
+            f"{join_on} ({100 * share:.1f}% < {min_coverage}); are these the parquet files of this download?")
+    return rows, report

@@ -149,3 +149,19 @@ def test_the_release_is_part_of_the_cache_fingerprint(download, tmp_path):
     table = pq.read_table(copy / "part-00000.parquet")
     pq.write_table(table.slice(1), copy / "part-00000.parquet")  # a different release
     assert cfg.caption_fingerprint() != before
+
+
+def test_caption_stats_reads_the_release_joined_to_the_download(download, tmp_path):
+    from captioner import stats
+
+    shards, release, rows, _ = download
+    assert stats.main(["--released", str(release), "--images", str(shards), "--join-on", "url",
+                       "--out", str(tmp_path / "by_url")]) == 0
+    out = json.loads((tmp_path / "by_url" / "stats.json").read_text())
+    assert out["released"] == {"files": ["part-00000.parquet"], "join_on": "url", "samples": 6, "matched": 6, "share": 1.0}
+    assert out["captions"]["rows"] == 6 and out["captions"]["words"]["recaption"]["mean"] == 15
+    assert stats.main(["--released", str(release), "--images", str(shards), "--min-coverage", "0.8",
+                       "--out", str(tmp_path / "by_sha")]) == 0
+    assert json.loads((tmp_path / "by_sha" / "stats.json").read_text())["released"]["matched"] == 5
+    with pytest.raises(ReleasedCoverageError, match="only 5 of 6 samples"):
+        stats.main(["--released", str(release), "--images", str(shards), "--out", str(tmp_path / "strict")])
