@@ -24,6 +24,7 @@ from pathlib import Path
 
 from t2i_recap.cli_config import add_config_arguments, config_from_args
 from t2i_recap.io import atomic_write_text, expand_shards
+from t2i_recap.markdown import md_table
 from t2i_recap.logging_utils import get_logger, setup_logging
 from t2i_recap.shapes.parser import parse_caption
 from t2i_recap.shapes.world import Obj, Scene
@@ -148,18 +149,18 @@ def write_report(summary: dict, samples: list[SampleFidelity], out_dir: str | Pa
     atomic_write_text(out / "fidelity.md", render_markdown(summary, samples, meta))
 
 
+ERROR_COLUMNS = ("hallucinated", "missed", "wrong_color", "wrong_shape", "wrong_size", "wrong_position",
+                 "false_relations")
+
+
 def render_markdown(summary: dict, samples: list[SampleFidelity], meta: dict) -> str:
     rows = [("all", summary["overall"])] + [(f"{k} object(s)", v) for k, v in summary["by_object_count"].items()]
     lines = ["# Caption fidelity", "", f"Captions from: `{_md(meta.get('captions_from', '?'))}`; "
-             f"truth from: `{_md(meta.get('shards', '?'))}`.", "",
-             "| scenes | captions | exact match | scene match | clean parse | hallucinated | missed "
-             "| wrong colour | wrong shape | wrong size | wrong position | false relations |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, agg in rows:
-        e = agg["errors"]
-        lines.append(f"| {name} | {agg['captions']} | {_pct(agg['exact_match'])} | {_pct(agg['scene_match'])} | "
-                     f"{_pct(agg['clean_parse'])} | {e['hallucinated']} | {e['missed']} | {e['wrong_color']} | "
-                     f"{e['wrong_shape']} | {e['wrong_size']} | {e['wrong_position']} | {e['false_relations']} |")
+             f"truth from: `{_md(meta.get('shards', '?'))}`.", ""]
+    lines += md_table(["scenes", "captions", "exact match", "scene match", "clean parse", "hallucinated", "missed",
+                       "wrong colour", "wrong shape", "wrong size", "wrong position", "false relations"],
+                      [[name, agg["captions"], _pct(agg["exact_match"]), _pct(agg["scene_match"]),
+                        _pct(agg["clean_parse"]), *(agg["errors"][k] for k in ERROR_COLUMNS)] for name, agg in rows])
     lines += ["", "Exact match: the parse is clean and its scene equals the truth. Error columns count "
               "objects (hallucinated, missed), attributes of matched objects, and relation sentences.", ""]
     wrong = [s for s in samples if not s.exact][:10]

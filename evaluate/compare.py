@@ -19,6 +19,7 @@ from pathlib import Path
 from t2i_recap.cli_config import add_config_arguments, config_from_args
 from t2i_recap.config import ConfigError
 from t2i_recap.io import atomic_write_text
+from t2i_recap.markdown import md_table
 from t2i_recap.logging_utils import setup_logging
 
 from . import retrieval
@@ -124,11 +125,10 @@ def _col_name(result: dict, col: tuple[str, str]) -> str:
 def render_markdown(result: dict) -> str:
     cols = table_columns(result)
     lines = ["# Comparison", "", "Mean [95% bootstrap CI over prompts]; FD-CLIP, CMMD and FID are set-level "
-             "(lower is better).", "", "| run | " + " | ".join(md_cell(_col_name(result, c)) for c in cols) + " |",
-             "|" + "---|" * (len(cols) + 1)]
-    for row in result["rows"]:
-        lines.append("| " + md_cell(row["label"]) + " | "
-                     + " | ".join(fmt_metric(row["variants"].get(v, {}).get(k)) for v, k in cols) + " |")
+             "(lower is better).", ""]
+    lines += md_table(["run", *(md_cell(_col_name(result, c)) for c in cols)],
+                      [[md_cell(row["label"]), *(fmt_metric(row["variants"].get(v, {}).get(k)) for v, k in cols)]
+                       for row in result["rows"]])
     if not result["same_suite"]:
         lines += ["", "Warning: the runs used different prompt suites."]
     return "\n".join(lines) + "\n"

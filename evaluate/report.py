@@ -13,6 +13,8 @@ import datetime as _dt
 import platform
 from pathlib import Path
 
+from t2i_recap.markdown import md_table
+
 from .escape import clean_text, md_text  # noqa: F401  (clean_text: re-exported)
 from .stats import category_mean_ci, mean_ci
 
@@ -176,11 +178,6 @@ def metric_columns(reports_variants: list[dict]) -> list[str]:
     return sorted(names, key=lambda k: order.index(k) if k in order else len(order))
 
 
-def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    return (["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-            + ["| " + " | ".join(r) + " |" for r in rows])
-
-
 def worst_key(variant: dict) -> str | None:
     """The per-prompt metric the worst-prompts tables sort by: the oracle's accuracy, else CLIP score."""
     for key in ("oracle_accuracy", "clip_score"):
@@ -215,7 +212,7 @@ def render_markdown(report: dict) -> str:
     cols = metric_columns(list(variants.values()))
     rows = [[name] + [fmt_metric(v["metrics"].get(c, v["set_metrics"].get(c))) for c in cols]
             for name, v in variants.items()]
-    lines += ["## Metrics (mean [95% CI over prompts])", ""] + _md_table(["prompts"] + [LABELS.get(c, c) for c in cols], rows)
+    lines += ["## Metrics (mean [95% CI over prompts])", ""] + md_table(["prompts"] + [LABELS.get(c, c) for c in cols], rows)
     for name, v in variants.items():
         gen = v.get("generation") or {}
         if gen.get("truncated_prompts"):
@@ -229,7 +226,7 @@ def render_markdown(report: dict) -> str:
     if cats:
         key = "oracle_accuracy" if any("oracle_accuracy" in c for v in variants.values() for c in v["by_category"].values()) else "clip_score"
         lines += ["", f"## {LABELS[key]} by category", ""]
-        lines += _md_table(["category"] + list(variants),
+        lines += md_table(["category"] + list(variants),
                            [[md_cell(c)] + [fmt_metric(v["by_category"].get(c, {}).get(key)) for v in variants.values()]
                             for c in cats])
     for name, v in variants.items():
@@ -237,7 +234,7 @@ def render_markdown(report: dict) -> str:
         if worst:
             cols = WORST_COLUMNS[worst_key(v)]
             lines += ["", f"## Worst prompts ({name}, by {LABELS[worst_key(v)]})", ""]
-            lines += _md_table(["id", "category", "prompt"] + [LABELS[c] for c in cols],
+            lines += md_table(["id", "category", "prompt"] + [LABELS[c] for c in cols],
                                [[md_cell(p["id"]), md_cell(p["category"]), md_cell(p["prompt"])]
                                 + [fmt_metric(p.get(c)) for c in cols] for p in worst])
     return "\n".join(lines) + "\n"
