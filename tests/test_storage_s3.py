@@ -126,13 +126,14 @@ def test_caption_run_from_s3_to_s3_resumes_and_writes_every_key_once(s3, caption
     assert third["shards_done"] == 1 and third["shards_skipped_done"] == CAPTIONER_SHARDS - 1
 
 
-def test_killed_run_leaves_no_partial_sidecar_object_and_rerun_completes(s3, captioner_shards, tiny_llava_dir):
+def test_killed_run_leaves_no_partial_sidecar_object_and_rerun_completes(s3, captioner_shards, tiny_llava_dir,
+                                                                        one_thread):
     """SIGKILL once the first sidecar object exists: each visible object is a whole sidecar; a rerun
     finishes the rest without rewriting those."""
     src = _upload(s3, captioner_shards, "kill/shards", "*.tar")
     out = f"s3://{BUCKET}/kill/sidecars"
     cmd = [sys.executable, "-m", "t2i_recap.cli", *_caption_args(src, out, tiny_llava_dir)]
-    cmd[cmd.index("--batch-size") + 1], cmd[cmd.index("--max-new-tokens") + 1] = "1", "48"
+    cmd[cmd.index("--batch-size") + 1], cmd[cmd.index("--max-new-tokens") + 1] = "1", "24"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
