@@ -135,41 +135,25 @@ def render_markdown(result: dict) -> str:
 
 
 def render_html(result: dict) -> str:
-    from .report_html import bar_chart, join, page, table, tag
+    from .report_html import bar_chart, metric_cell, render
 
-    body = [tag("h1", "t2i-recap comparison"),
-            tag("p", "Rows: runs (labelled by the caption-mixing p when the export records it). Mean with a 95% "
-                     "bootstrap interval over prompts; FD-CLIP, CMMD and FID are set-level (lower is better).",
-                class_="note"),
-            _grouped_table(result)]
-    if not result["same_suite"]:
-        body.append(tag("p", "Warning: the runs used different prompt suites.", class_="note"))
+    cols = table_columns(result)
+    groups = [{"name": g, "span": sum(v == g for v, _ in cols)} for g in dict.fromkeys(v for v, _ in cols)]
+    rows = [{"label": row["label"], "cells": [metric_cell(row["variants"].get(v, {}).get(k)) for v, k in cols]}
+            for row in result["rows"]]
+    charts = []
     headline = result["headline"]
     if headline:
         variants = list(dict.fromkeys(v for row in result["rows"] for v in row["variants"]))
         for vname in variants:
             cats = list(dict.fromkeys(c for row in result["rows"] for c in row["variants"].get(vname, {}).get("by_category", {})))
             series = {row["label"]: row["variants"].get(vname, {}).get("by_category", {}) for row in result["rows"]}
-            body += [tag("h2", f"{LABELS.get(headline, headline)} by category, {vname} prompts"),
-                     bar_chart(cats, series, LABELS.get(headline, headline), suffix="")]
-    paths = [[row["label"], row["path"], row["model_sha256"][:16]] for row in result["rows"]]
-    body += [tag("h2", "Runs"), table(["run", "folder", "model sha256"], paths, num_cols=())]
-    return page("t2i-recap comparison", join(body))
-
-
-def _grouped_table(result: dict):
-    """Table 7's layout: one column group per prompt form."""
-    from .report_html import join, metric_cell, tag
-
-    cols = table_columns(result)
-    groups = list(dict.fromkeys(v for v, _ in cols))
-    top = join([tag("th", "run", rowspan="2")] + [tag("th", f"{g} prompts", colspan=str(sum(v == g for v, _ in cols)))
-                                                  for g in groups])
-    names = join(tag("th", _col_name(result, c).split(": ", 1)[1]) for c in cols)
-    body = join(tag("tr", join([tag("td", row["label"])] + [tag("td", metric_cell(row["variants"].get(v, {}).get(k)),
-                                                                 class_="num") for v, k in cols]))
-                for row in result["rows"])
-    return tag("table", join([tag("thead", join([tag("tr", top), tag("tr", names)])), tag("tbody", body)]))
+            charts.append({"title": f"{LABELS.get(headline, headline)} by category, {vname} prompts",
+                           "svg": bar_chart(cats, series, LABELS.get(headline, headline), suffix="")})
+    return render("compare.html", title="t2i-recap comparison", groups=groups, rows=rows,
+                  column_names=[_col_name(result, c).split(": ", 1)[1] for c in cols],
+                  same_suite=result["same_suite"], charts=charts,
+                  runs=[[row["label"], row["path"], row["model_sha256"][:16]] for row in result["rows"]])
 
 
 def write_compare(result: dict, out: Path) -> None:
