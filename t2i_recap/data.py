@@ -45,6 +45,7 @@ from t2i_recap.logging_utils import get_logger
 from t2i_recap.shards import iter_tar_samples, shard_id
 from t2i_recap.released import ReleasedCoverage, identity, load_index
 from t2i_recap.sidecar_join import CAPTIONED, open_join
+from t2i_recap.sources import MixedSource, SourceConfig, check_sources, source_configs
 
 log = get_logger(__name__)
 
@@ -99,6 +100,9 @@ class DataConfig:
     join_on: Literal["sha256", "url"] | None = None
     """Column shared by the released parquet and each sample's img2dataset .json: sha256 (null = sha256:
     the same image bytes) or url. Shards whose matched share is below min_recaption_coverage stop training."""
+    sources: list[SourceConfig] | None = None
+    """Several shard sets mixed per sample by weight (`t2i_recap.sources`), instead of data.shards; each
+    names its shards, optionally its sidecars and caption specs (the rest comes from this section)."""
     flagged_recaptions: Literal["keep", "drop", "fallback"] | None = None
     """Recaptions the captioner flagged in its sidecar (finish_reason "length": cut at the token cap;
     repetition: true): keep (null = keep: trained on), drop (the sample is skipped) or fallback (the
@@ -118,10 +122,12 @@ class DataConfig:
         if self.join_on not in (None, "sha256", "url"):
             raise ValueError(f"data.join_on must be sha256 or url, got {self.join_on!r}")
         reads_released = any(s.kind == "released" for s in self.parsed_specs().values())
-        if reads_released != bool(self.released_captions):
+        if reads_released != bool(self.released_captions) and not self.sources:
             raise ValueError("a caption spec reads released:COLUMN but data.released_captions is not set" if reads_released
                              else "data.released_captions is set but no caption reads it (name one released:COLUMN, "
                              "e.g. data.recaption: released:re_caption)")
+        if self.sources:
+            check_sources(self)
         if self.flagged_recaptions not in (None, "keep", "drop", "fallback"):
             raise ValueError(f"data.flagged_recaptions must be keep, drop or fallback, got {self.flagged_recaptions!r}")
         if self.shuffle_buffer < 1 or self.hf_rows_per_shard < 1 or self.num_workers < 0:
@@ -145,6 +151,8 @@ class DataConfig:
     def caption_fingerprint(self) -> dict:
         """What the feature cache's text features depend on: the named captions' specs (the same dict as
         before named captions for a two-caption config, so existing caches stay valid)."""
+        if self.sources:
+            return {"sources": {s.name: cfg.caption_fingerprint() for s, cfg in zip(self.sources, source_configs(self))}}
         fp: dict = self.caption_specs()
         if self.flagged_recaptions == "fallback":  # drop is applied when batches are made, keep changes nothing
             fp = {**fp, "flagged_recaptions": self.flagged_recaptions}
@@ -414,6 +422,8 @@ def _example(rec: Record, image, captions: dict[str, str | None], resolution: in
 
 
 def build_source(cfg: DataConfig):
+    if cfg.sources:
+        return MixedSource.build(cfg)
     if cfg.shards:
         return WebDatasetSource(cfg)
     if cfg.hf_dataset:
@@ -478,8 +488,9 @@ class BatchStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        stream = rank_records(self.source, seed=self.seed, rank=self.rank, world=self.world,
-                              buffer=self.buffer, start=self.start)
+        kw = dict(seed=self.seed, rank=self.rank, world=self.world, buffer=self.buffer, start=self.start)
+        mixed = getattr(self.source, "mixed_records", None)  # data.sources
+        stream = mixed(**kw) if mixed is not None else rank_records(self.source, **kw)
         dropped = getattr(self.source, "is_dropped", None)
         for b in itertools.count():
             chunk, left_out = self._take(stream, dropped)

@@ -255,7 +255,11 @@ class Trainer:
         if summary["built"]:
             log.info("feature cache: built %d shards (%d rows)", summary["built"], summary["rows"])
         acc.wait_for_everyone()
-        return feature_cache.CacheSource(cache_dir, raw.shards, fp_hash), feature_cache.load_empty(cache_dir)
+        if hasattr(raw, "remix"):  # data.sources: the same mixture over each source's cache files
+            cached = raw.remix(lambda shards: feature_cache.CacheSource(cache_dir, shards, fp_hash))
+        else:
+            cached = feature_cache.CacheSource(cache_dir, raw.shards, fp_hash)
+        return cached, feature_cache.load_empty(cache_dir)
 
     def _restore(self, path: Path) -> None:
         # Every rank reads the whole checkpoint and keeps its part (under FSDP: its shards), as under
