@@ -107,7 +107,7 @@ def read_info(path: str | Path) -> dict | None:
     """The provenance JSON of a sidecar (a local file or an object), None if it is not one of ours."""
     if not storage.is_url(path):
         return sidecar_format.read_info(path)
-    with storage.open_read(path) as fh:  # the footer is at the end: a seekable read of a few KB
+    with storage.open_seekable(path) as fh:  # the footer is at the end: a seekable read of a few KB
         return sidecar_format.read_info(fh)
 
 

@@ -107,7 +107,7 @@ def verify(sidecar: Path | str, shard: Path | str, num_rows: int) -> None:
     from t2i_recap.sidecar_format import read_info
 
     if storage.is_url(sidecar):
-        with storage.open_read(sidecar) as fh:
+        with storage.open_seekable(sidecar) as fh:
             info = read_info(fh)
     else:
         info = read_info(sidecar)

@@ -162,11 +162,24 @@ def is_file(location: Location) -> bool:
 
 
 def open_read(location: Location, block_size: int = READ_BLOCK) -> IO[bytes]:
-    """A binary file object reading `location` front to back (remote: `block_size` bytes per request)."""
+    """A binary file object reading `location` front to back (a tar shard).
+
+    s3 and hf: ranged GETs of `block_size` bytes, read ahead. http(s): one streaming GET (fsspec's
+    HTTPStreamFile), which also serves hosts without range requests (Python's http.server)."""
     if not is_url(location):
         return open(location, "rb")
     fs, path = filesystem(str(location))
+    if scheme(location) in ("http", "https"):
+        return fs.open(path, "rb", block_size=0)
     return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
+
+
+def open_seekable(location: Location) -> IO[bytes]:
+    """A binary file object that can seek (a parquet footer); over http the host must serve ranges."""
+    if not is_url(location):
+        return open(location, "rb")
+    fs, path = filesystem(str(location))
+    return fs.open(path, "rb")
 
 
 def read_bytes(location: Location) -> bytes:

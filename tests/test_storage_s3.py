@@ -9,6 +9,7 @@ bucket prefix.
 from __future__ import annotations
 
 import functools
+import io
 import http.server
 import json
 import os
@@ -362,6 +363,13 @@ def test_http_shards_are_read_and_captioned(http_root, captioner_shards, tmp_pat
     assert urls == [f"{base}/{i:05d}.tar" for i in range(CAPTIONER_SHARDS)]
     remote = [(s.key, s.files) for s in iter_tar_samples(urls[1])]
     assert remote == [(s.key, s.files) for s in iter_tar_samples(captioner_shards / "00001.tar")]
+
+    big = os.urandom(9 << 20)  # past one 8 MiB read block, from a host without range requests
+    with tarfile.open(root / "big.tar", "w") as tar:
+        member = tarfile.TarInfo("k0.bin")
+        member.size = len(big)
+        tar.addfile(member, io.BytesIO(big))
+    assert [(s.key, s.files) for s in iter_tar_samples(f"{base}/big.tar")] == [("k0", {"bin": big})]
 
     out = tmp_path / "out"
     cfg = CaptionRunConfig(input=f"{base}/{{00000..00003}}.tar", out=str(out), model="unused", batch_size=4)
