@@ -75,14 +75,32 @@ class DemoConfig:
     """Copy the package's prebuilt tokenizer, CLIP and VAE when they match the settings (seconds);
     false builds them here (~15 min on 2 cores)."""
 
+    sweep_p_values: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.2, 0.5, 1.0])
+    """`--sweep`: the caption-mixing ratios of the curve."""
+    sweep_seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    """`--sweep`: training seeds per p (the first, if it is `seed`, shares the default demo's runs)."""
+    sweep_t5: bool = True
+    """`--sweep`: also train T5-conditioned DiTs at p = 0, one per seed (t2i_recap/demo_sweep.py)."""
+    first_sentence_weight: float | None = None
+    """Train one more p = 0 DiT whose captions are the recaption (weight 1 - W) and its first sentence
+    (`first_sentence:recaption`, weight W), and add its row to the demo's table; None = not trained."""
+
     def __post_init__(self) -> None:
         if not self.p_values or any(not 0.0 <= p <= 1.0 for p in self.p_values):
             raise ValueError(f"p_values must be a non-empty list of numbers in [0, 1], got {self.p_values}")
+        if not self.sweep_p_values or any(not 0.0 <= p <= 1.0 for p in self.sweep_p_values):
+            raise ValueError(f"sweep_p_values must be a non-empty list of numbers in [0, 1], got {self.sweep_p_values}")
+        if not self.sweep_seeds or len(set(self.sweep_seeds)) != len(self.sweep_seeds):
+            raise ValueError(f"sweep_seeds must be a non-empty list of distinct seeds, got {self.sweep_seeds}")
+        if self.first_sentence_weight is not None and not 0.0 < self.first_sentence_weight <= 1.0:
+            raise ValueError(f"first_sentence_weight must be in (0, 1], got {self.first_sentence_weight}")
 
 
 QUICK = dict(num_web=240, num_test=24, curated_fraction=0.25, train_steps=30, train_batch_size=16,
              caption_batch_size=32, caption_max_new_tokens=48, eval_per_category=2, eval_images_per_prompt=1,
              eval_steps=4, finetune_overrides=["train.max_steps=20"])
+# `--sweep --quick`: the orchestration at its smallest (the QUICK sizes, one seed, two p values).
+QUICK_SWEEP = dict(sweep_p_values=[0.0, 1.0], sweep_seeds=[0])
 
 
 def _call(main, argv: list[str]) -> None:
@@ -114,6 +132,10 @@ def _spawn(argv: list[str], threads: int, ranks: int = 1) -> None:
 
 def _p_name(p: float) -> str:
     return f"p{p:.2f}".replace(".", "_")
+
+
+_TRAIN_KEYS = ("train_steps", "train_batch_size", "train_lr", "train_config")
+_EVAL_KEYS = ("eval_per_category", "eval_images_per_prompt", "eval_steps")
 
 
 class Demo:
@@ -233,16 +255,18 @@ class Demo:
         side_by_side = max(1, min(self.cfg.workers, len(self.cfg.p_values)))
         return max(1, (os.cpu_count() or 1) // side_by_side)
 
-    def train(self, p: float, config: Path) -> dict:
-        run_dir = self.out / "runs" / _p_name(p)
+    def train(self, p: float, config: Path, name: str | None = None, seed: int | None = None) -> dict:
+        run_dir = self.out / "runs" / (name or _p_name(p))
         overrides = ["--set", f"mixing.p={p}", "--set", f"trainer.run_dir={run_dir}"]
+        if seed is not None:
+            overrides += ["--set", f"trainer.seed={seed}"]
         resume = ["--resume", "latest"] if (run_dir / "checkpoints").exists() else []
         _spawn(["train", "--config", str(config), *overrides, *resume], self._threads())
         _spawn(["export", "--run", str(run_dir), "--out", str(run_dir / "export"), "--overwrite"], self._threads())
         return {"run": str(run_dir), "export": str(run_dir / "export")}
 
-    def evaluate(self, p: float) -> dict:
-        run_dir = self.out / "runs" / _p_name(p)
+    def evaluate(self, p: float, name: str | None = None) -> dict:
+        run_dir = self.out / "runs" / (name or _p_name(p))
         c = self.cfg
         _spawn(["eval", "run", "--model", str(run_dir / "export"), "--suite", "shapes", "--out", str(run_dir / "eval"),
                 "--clip", str(self.assets / "clip"), "--recaption", str(self.captioner),
@@ -250,25 +274,59 @@ class Demo:
                 "--steps", str(c.eval_steps), "--seed", str(c.seed)], self._threads())
         return {"report": str(run_dir / "eval" / "report.json")}
 
+    # -- the first-sentence run (data.captions / mixing.weights) --------------------------------
+    def first_sentence_name(self) -> str:
+        return f"{_p_name(0.0)}_first{self.cfg.first_sentence_weight:.2f}".replace(".", "_")
+
+    def first_sentence_config(self) -> Path:
+        """train_first_sentence.yaml: train_base.yaml plus the derived caption `first_sentence` (the
+        recaption's first sentence) at weight W beside the recaption at 1 - W, with its own feature
+        cache (it holds the extra caption's embeddings)."""
+        from t2i_recap.train_config import TrainConfig
+
+        w = self.cfg.first_sentence_weight
+        data = load_yaml(self.out / "train_base.yaml")
+        data.setdefault("data", {})["captions"] = {"first_sentence": "first_sentence:recaption"}
+        data.setdefault("mixing", {})["weights"] = {"recaption": 1.0 - w, "first_sentence": w}
+        data.setdefault("features", {})["cache_dir"] = str(self.out / "features_first_sentence")
+        path = self.out / "train_first_sentence.yaml"
+        save_config(from_dict(TrainConfig, data, str(path)), path)
+        return path
+
+    def prepare_first_sentence(self) -> dict:
+        path = self.first_sentence_config()
+        _spawn(["prepare", "--config", str(path)], max(1, os.cpu_count() or 1))
+        return {"train_config": str(path), "cache": str(self.out / "features_first_sentence")}
+
     def compare(self) -> dict:
         from t2i_recap.evaluate import compare
 
         runs = [str(self.out / "runs" / _p_name(p) / "eval") for p in self.cfg.p_values]
         labels = ",".join(f"p={p:g}" for p in self.cfg.p_values)
+        if self.cfg.first_sentence_weight is not None:
+            runs.append(str(self.out / "runs" / self.first_sentence_name() / "eval"))
+            labels += f",p=0 + first sentence {self.cfg.first_sentence_weight:g}"
         _call(compare.main, [*runs, "--out", str(self.out / "report"), "--labels", labels])
         return {"report": str(self.out / "report")}
 
     # -- wiring ------------------------------------------------------------------------------
-    def stages(self) -> list[Stage]:
+    def _settings(self, *keys: str) -> dict:
+        c = dataclasses.asdict(self.cfg)
+        return {k: c[k] for k in keys}
+
+    def prepare_seconds(self) -> float:
+        return 50 * self.cfg.num_web / 20_000 + 5
+
+    def shared_stages(self) -> list[Stage]:
+        """world .. prepare: what every trained model shares."""
         c = dataclasses.asdict(self.cfg)
         world = {k: c[k] for k in ("num_web", "curated_fraction", "gold_captions", "num_test", "seed", "resolution")}
         caption = {k: c[k] for k in ("caption_batch_size", "caption_max_new_tokens")}
-        train = {k: c[k] for k in ("train_steps", "train_batch_size", "train_lr", "train_config")}
-        evals = {k: c[k] for k in ("eval_per_category", "eval_images_per_prompt", "eval_steps")}
+        train = self._settings(*_TRAIN_KEYS)
         # Expected seconds for the ETA bar, from the full run of 2026-11-26 on 2 CPU cores (docs/results.md).
         scale = c["num_web"] / 20_000
         pairs = c["num_web"] * c["curated_fraction"] * c["gold_captions"] / 5_000
-        stages = [
+        return [
             Stage("world", self.world, world, 10 * scale + 5),
             Stage("assets", self.build_assets, {"assets": c["assets"], "o": c["assets_overrides"],
                                                 "prebuilt": c["prebuilt_assets"]},
@@ -278,20 +336,44 @@ class Demo:
                   ("world", "assets")),
             Stage("fidelity", self.fidelity, caption, 20, ("captioner",)),
             Stage("recaption", self.recaption, caption, 115 * scale + 5, ("captioner",)),
-            Stage("prepare", self.prepare, train, 50 * scale + 5, ("recaption",)),
+            Stage("prepare", self.prepare, train, self.prepare_seconds(), ("recaption",)),
         ]
-        for p in self.cfg.p_values:
-            name = _p_name(p)
-            # train_base.yaml is written once by `prepare`, so stages running side by side never rewrite it.
-            stages.append(Stage(f"train_{name}", lambda p=p: self.train(p, self.out / "train_base.yaml"),
-                                {"p": p, **train}, self.cfg.train_steps * 0.25 * self.cfg.train_batch_size / 32,
-                                ("prepare",), isolated=True))
-            stages.append(Stage(f"eval_{name}", lambda p=p: self.evaluate(p), {"p": p, **evals}, 60,
-                                (f"train_{name}", "captioner"), isolated=True))
+
+    def run_stages(self, p: float, name: str | None = None, seed: int | None = None, config: Path | None = None,
+                   depends: str = "prepare", settings: dict | None = None) -> list[Stage]:
+        """Train (and export) one DiT at p, then evaluate it. The defaults are the demo's own run at p;
+        `name`, `seed`, `config` and `settings` make another (the sweep's other seeds and encoders)."""
+        name = name or _p_name(p)
+        # train_base.yaml is written once by `prepare`, so stages running side by side never rewrite it.
+        config = config or self.out / "train_base.yaml"
+        extra = settings or {}
+        return [Stage(f"train_{name}", lambda: self.train(p, config, name, seed),
+                      {"p": p, **self._settings(*_TRAIN_KEYS), **extra},
+                      self.cfg.train_steps * 0.25 * self.cfg.train_batch_size / 32, (depends,), isolated=True),
+                Stage(f"eval_{name}", lambda: self.evaluate(p, name), {"p": p, **self._settings(*_EVAL_KEYS), **extra},
+                      60, (f"train_{name}", "captioner"), isolated=True)]
+
+    def stats_stage(self) -> Stage:
         # Nothing waits for the statistics: they take the first free core (beside a DiT's training).
-        stages.append(Stage("stats", self.stats, {}, 40 * scale + 5, ("recaption",), isolated=True))
-        stages.append(Stage("compare", self.compare, {"p": c["p_values"]}, 5,
-                            tuple(f"eval_{_p_name(p)}" for p in self.cfg.p_values)))
+        return Stage("stats", self.stats, {}, 40 * self.cfg.num_web / 20_000 + 5, ("recaption",), isolated=True)
+
+    def stages(self) -> list[Stage]:
+        stages = self.shared_stages()
+        for p in self.cfg.p_values:
+            stages += self.run_stages(p)
+        evals = [f"eval_{_p_name(p)}" for p in self.cfg.p_values]
+        compare_settings: dict = {"p": self.cfg.p_values}
+        w = self.cfg.first_sentence_weight
+        if w is not None:
+            name = self.first_sentence_name()
+            stages.append(Stage("prepare_first_sentence", self.prepare_first_sentence, {"w": w},
+                                self.prepare_seconds(), ("prepare",)))
+            stages += self.run_stages(0.0, name=name, config=self.out / "train_first_sentence.yaml",
+                                      depends="prepare_first_sentence", settings={"first_sentence_weight": w})
+            evals.append(f"eval_{name}")
+            compare_settings["first_sentence_weight"] = w
+        stages.append(self.stats_stage())
+        stages.append(Stage("compare", self.compare, compare_settings, 5, tuple(evals)))
         return stages
 
 
@@ -332,10 +414,13 @@ class DemoOptions:
     """Output folder (rerun to resume)."""
     quick: bool = False
     """A smoke-sized run (a few minutes): the QUICK sizes, under --config / --set."""
+    sweep: bool = False
+    """The caption-mixing curve instead: DiTs at sweep_p_values x sweep_seeds plus T5-conditioned ones
+    (hours on 2 CPU cores; the ETA is logged first). With --quick: one seed, two p values."""
 
 
 FLAGS = {"--p": "p_values"}
-OPTIONS = {"--out": "out", "--quick": "quick"}
+OPTIONS = {"--out": "out", "--quick": "quick", "--sweep": "sweep"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -351,14 +436,34 @@ def main(argv: list[str] | None = None) -> int:
     args = options_from_args(DemoOptions, ns)
     setup_logging()
     try:
-        cfg = config_from_args(DemoConfig, ns, base=dict(QUICK) if args.quick else None)
+        base = {**(QUICK if args.quick else {}), **(QUICK_SWEEP if args.quick and args.sweep else {})}
+        cfg = config_from_args(DemoConfig, ns, base=base or None)
     except ConfigError as exc:
         parser.error(str(exc))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "demo_config.yaml")
+    if args.sweep:
+        return _run_sweep(cfg, out)
     StageRunner(out).run_all(Demo(cfg, out).stages(), workers=cfg.workers)
     print(summarize(out))
+    return 0
+
+
+def _run_sweep(cfg: DemoConfig, out: Path) -> int:
+    from t2i_recap import demo_sweep
+
+    stages = demo_sweep.sweep_stages(Demo(cfg, out))
+    runs = demo_sweep.plan(cfg)
+    eta = demo_sweep.expected_seconds(stages, cfg.workers)
+    message = (f"demo --sweep: {len(runs)} DiTs ({len(cfg.sweep_p_values)} p values x {len(cfg.sweep_seeds)} seeds"
+               f"{' + T5 at p = 0' if cfg.sweep_t5 else ''}), expected about {eta / 60:.0f} min on 2 CPU cores "
+               "(finished stages are skipped)")
+    log.info(message)
+    print(message, flush=True)
+    StageRunner(out).run_all(stages, workers=cfg.workers)
+    print((out / "sweep" / "sweep.md").read_text(encoding="utf-8"))
+    print(f"Figure: {out / 'sweep' / 'sweep.png'}")
     return 0
 
 
