@@ -388,3 +388,14 @@ class _EchoBackend:
 
     def describe(self):
         return {"backend": "echo"}
+
+
+def test_eval_reference_shards_from_s3(s3, captioner_shards):
+    """`eval run --reference s3://.../{...}.tar`: the reference images stream from the store."""
+    from t2i_recap.evaluate.metric_fid import load_reference
+
+    src = _upload(s3, captioner_shards, "ref", "*.tar")
+    remote = load_reference(f"{src}/{{00000..00001}}.tar")
+    local = load_reference(f"{captioner_shards}/{{00000..00001}}.tar")
+    assert len(remote) == 2 * CAPTIONER_SHARD_SIZE
+    assert [im.tobytes() for im in remote] == [im.tobytes() for im in local]
