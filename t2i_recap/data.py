@@ -154,7 +154,7 @@ class DataConfig:
         if self.sources:
             return {"sources": {s.name: cfg.caption_fingerprint() for s, cfg in zip(self.sources, source_configs(self))}}
         fp: dict = self.caption_specs()
-        if self.flagged_recaptions == "fallback":  # drop is applied when batches are made, keep changes nothing
+        if self.flagged_recaptions in ("drop", "fallback"):  # the cache holds no dropped sample, no fallen-back recaption
             fp = {**fp, "flagged_recaptions": self.flagged_recaptions}
         if self.released_captions:
             fp = {**fp, "released": identity(self.released_captions), "join_on": self.join_on or "sha256"}

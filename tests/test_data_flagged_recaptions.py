@@ -63,10 +63,11 @@ def test_keep_drop_fallback(flagged_sidecars):
         DataConfig(shards="x", flagged_recaptions="ignore")
 
 
-def test_fallback_changes_the_cache_fingerprint():
+def test_drop_and_fallback_change_the_cache_fingerprint():
     base = DataConfig(shards="x")
     assert base.caption_fingerprint() == DataConfig(shards="x", flagged_recaptions="keep").caption_fingerprint()
     assert base.caption_fingerprint() != DataConfig(shards="x", flagged_recaptions="fallback").caption_fingerprint()
+    assert base.caption_fingerprint() != DataConfig(shards="x", flagged_recaptions="drop").caption_fingerprint()
 
 
 @pytest.mark.parametrize("policy", ["keep", "drop", "fallback"])
