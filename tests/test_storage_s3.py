@@ -399,3 +399,24 @@ def test_eval_reference_shards_from_s3(s3, captioner_shards):
     local = load_reference(f"{captioner_shards}/{{00000..00001}}.tar")
     assert len(remote) == 2 * CAPTIONER_SHARD_SIZE
     assert [im.tobytes() for im in remote] == [im.tobytes() for im in local]
+
+
+def test_store_metadata_is_read_as_identity(monkeypatch):
+    """Last-Modified headers, weak ETags and the hub's LFS sha256 (no hub here: its info() shape, faked)."""
+    from t2i_recap import storage
+    from t2i_recap.identity import file_digest
+
+    assert storage._mtime_ns({"Last-Modified": "Wed, 02 Dec 2026 17:00:00 GMT"}) == 1796230800 * 10**9
+    assert storage._etag({"ETag": 'W/"abc"'}) is None and storage._etag({"ETag": '"abc"'}) == "abc"
+
+    class HubLike:
+        def invalidate_cache(self, path=None):
+            pass
+
+        def info(self, path):
+            return {"name": path, "size": 3, "type": "file", "blob_id": "b10b", "lfs": {"size": 3, "sha256": "ab" * 32}}
+
+    monkeypatch.setattr(storage, "filesystem", lambda url: (HubLike(), url.split("://", 1)[1]))
+    url = "hf://datasets/org/name/data/00000.tar"
+    assert storage.info(url) == {"size": 3, "mtime_ns": None, "etag": "b10b", "sha256": "ab" * 32}
+    assert file_digest(url) == "ab" * 32  # taken from the store, never read
