@@ -24,9 +24,11 @@ commits whatever was written, even when the block raised, which would publish a 
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -416,4 +418,6 @@ def claims_root(out: Location, claims_dir: str | None, world: int) -> Path:
     log.warning("output %s is an object store and no claims_dir is set: this single process keeps its claims in a "
                 "private temporary folder, so another run on the same output at the same time is not kept apart",
                 out)
-    return Path(tempfile.mkdtemp(prefix="t2i-recap-claims-"))
+    private = Path(tempfile.mkdtemp(prefix="t2i-recap-claims-"))
+    atexit.register(shutil.rmtree, private, True)  # nobody else can see it: gone with the process
+    return private
