@@ -34,6 +34,7 @@ from t2i_recap.claims import ClaimConfig, ClaimLost, Claims
 from t2i_recap.config import ConfigError, load_config, save_config
 from t2i_recap.identity import describe, model_digest, stamp
 from t2i_recap.io import DiskFullError
+from t2i_recap import storage
 from t2i_recap.logging_utils import get_logger, setup_logging
 
 from .prompts import DEFAULT_MAX_HINT_CHARS, build_prompt_with_notes, check_template
@@ -83,6 +84,10 @@ class CaptionRunConfig:
     """How the input is read."""
     claims: ClaimConfig = dataclasses.field(default_factory=ClaimConfig)
     """Heartbeat and stale timeout of the per-shard claims that keep overlapping runs apart."""
+    claims_dir: str | None = None
+    """Local or shared POSIX folder for the claims when `out` is an object store (s3://): claims need O_EXCL
+    files. Unset: one process keeps them in a private temp folder; several processes are refused
+    (`t2i_recap.storage.claims_root`)."""
     allow_empty_shards: bool = False
     """A shard where every sample was skipped is an error (exit 1) unless this is set."""
 
@@ -120,8 +125,8 @@ def local_model_path(model: str) -> str | None:
 
 def shard_file(shard: Shard) -> Path | None:
     """The input file of a tar/parquet shard (its content identifies the shard), else None."""
-    path = Path(shard.source)
-    return path if path.is_file() else None
+    path = storage.as_location(shard.source)  # a local Path or an object URL
+    return path if storage.is_file(path) else None
 
 
 @dataclasses.dataclass
@@ -349,7 +354,7 @@ def caption_run(cfg: CaptionRunConfig, dist: Dist | None = None, backend=None) -
     for name in ("input", "out", "model"):
         if not getattr(cfg, name):
             raise ConfigError(f"{name}: required (--{name})")
-    out = Path(cfg.out)
+    out = storage.as_location(cfg.out)  # a local Path or an object-store URL
     shards = open_shards(cfg.input, cfg.reader)
     mine = dist.mine(shards)
     fingerprint, model_path = cfg.fingerprint(), local_model_path(cfg.model)
@@ -357,9 +362,9 @@ def caption_run(cfg: CaptionRunConfig, dist: Dist | None = None, backend=None) -
                                             shard_file=shard_file(s)) is not None]
     log.info("%d shards in %s; rank %d of %d owns %d, %d already done", len(shards), cfg.input, dist.rank,
              dist.world, len(mine), len(mine) - len(todo))
-    out.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(out)
     if dist.rank == 0:
-        save_config(cfg, out / "caption_config.yaml")
+        save_config(cfg, storage.join(out, "caption_config.yaml"))
     summary = {"rank": dist.rank, "world_size": dist.world, "shards_total": len(shards), "shards_mine": len(mine),
                "shards_skipped_done": len(mine) - len(todo), "shards_done": 0, "shards_failed": [],
                "shards_empty": [s.name for s in mine if s not in todo and _was_empty(sidecar_path(out, s.name))],
@@ -374,7 +379,7 @@ def caption_run(cfg: CaptionRunConfig, dist: Dist | None = None, backend=None) -
                                trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
                                kv_cache=cfg.kv_cache)
     worker = ShardCaptioner(backend, cfg)
-    claims = Claims(out, cfg.claims)
+    claims = Claims(storage.claims_root(out, cfg.claims_dir, dist.world), cfg.claims)
     summary.update(shards_done_elsewhere=0, shards_lost=[], interrupted=None, claim_owner=claims.owner.describe())
 
     def is_done(s: Shard) -> bool:  # asked again once claimed: another process may have just finished it
@@ -397,7 +402,7 @@ def caption_run(cfg: CaptionRunConfig, dist: Dist | None = None, backend=None) -
 def _caption_claimed(claimed, worker: ShardCaptioner, cfg: CaptionRunConfig, backend, dist: Dist, summary: dict,
                      stop: "StopSignals", owner: dict) -> None:
     """Caption each shard this process holds the claim on; a stop signal ends the loop at a batch boundary."""
-    out = Path(cfg.out)
+    out = storage.as_location(cfg.out)  # a local Path or an object-store URL
     for shard, claim in claimed:
         path = sidecar_path(out, shard.name)
         remove_stale_temps(path)  # only the claim holder may: another process could be writing it otherwise
