@@ -112,17 +112,36 @@ def _argparse_kwargs(flag: str, tp: Any, doc: str, positional: bool) -> dict:
         kwargs.update(action="store_const", const=not flag.startswith("--no-"))
         return kwargs
     if origin in (list, tuple):
-        item = _unwrap_optional((typing.get_args(tp) or (str,))[0])
-        kwargs.update(type=_scalar(flag, item))
+        item = _scalar(flag, _unwrap_optional((typing.get_args(tp) or (str,))[0]))
         if positional:
-            kwargs["nargs"] = "*"
+            kwargs.update(type=item, nargs="*")
+        elif item in (int, float):  # numbers: `--p 0.2 --p 0.5` or `--p 0.2,0.5`
+            kwargs.update(type=_number_list(item), action=_Extend,
+                          help=f"{kwargs['help'] or ''} (repeatable, or comma-separated)".strip())
         else:
-            kwargs.update(action="append", help=f"{kwargs['help'] or ''} (repeatable)".strip())
+            kwargs.update(type=item, action="append", help=f"{kwargs['help'] or ''} (repeatable)".strip())
         return kwargs
     kwargs["type"] = _scalar(flag, tp)
     if typing.get_origin(tp) is typing.Literal:
         kwargs["choices"] = list(typing.get_args(tp))
     return kwargs
+
+
+def _number_list(item: type):
+    def parse(text: str) -> list:
+        try:
+            return [item(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {item.__name__}s") from None
+    parse.__name__ = f"{item.__name__} list"
+    return parse
+
+
+class _Extend(argparse.Action):
+    """Each use adds its (comma-separated) values to the list."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), *values])
 
 
 def _scalar(flag: str, tp: Any):

@@ -198,6 +198,8 @@ class _Outer:
     """Tags."""
     progress: bool = True
     """Show progress."""
+    weights: list[float] = dataclasses.field(default_factory=list)
+    """Weights."""
     inner: _Inner = dataclasses.field(default_factory=_Inner)
     """A section."""
 
@@ -205,15 +207,16 @@ class _Outer:
 def _outer_parser():
     p = argparse.ArgumentParser(prog="x")
     add_config_arguments(p, _Outer, {"--name": "name", "--mode": "mode", "--tag": "tags", "--no-progress": "progress",
-                                     "--rate": "inner.rate"}, required=("--name",))
+                                     "--rate": "inner.rate", "--w": "weights"}, required=("--name",))
     return p
 
 
 def test_helper_types_choices_lists_bools_and_nested_fields():
     p = _outer_parser()
     cfg = config_from_args(_Outer, p.parse_args(["--name", "n", "--mode", "b", "--tag", "x", "--tag", "y",
-                                                 "--no-progress", "--rate", "0.25"]))
-    assert cfg == _Outer(name="n", mode="b", tags=["x", "y"], progress=False, inner=_Inner(0.25))
+                                                 "--no-progress", "--rate", "0.25", "--w", "1,2.5", "--w", "3"]))
+    assert cfg == _Outer(name="n", mode="b", tags=["x", "y"], progress=False, weights=[1.0, 2.5, 3.0],
+                         inner=_Inner(0.25))
     with pytest.raises(SystemExit):
         p.parse_args(["--mode", "c"])
     assert field_docs(_Outer)["name"] == "The name. Second line."
