@@ -456,7 +456,7 @@ def _run_sweep(cfg: DemoConfig, out: Path) -> int:
     stages = demo_sweep.sweep_stages(Demo(cfg, out))
     runs = demo_sweep.plan(cfg)
     eta = demo_sweep.expected_seconds(stages, cfg.workers)
-    message = (f"demo --sweep: {len(runs)} DiTs ({len(cfg.sweep_p_values)} p values x {len(cfg.sweep_seeds)} seeds"
+    message = (f"demo --sweep: {len(runs)} DiTs ({len(cfg.sweep_p_values)} p values x {len(cfg.sweep_seeds)} seed(s)"
                f"{' + T5 at p = 0' if cfg.sweep_t5 else ''}), expected about {eta / 60:.0f} min on 2 CPU cores "
                "(finished stages are skipped)")
     log.info(message)

@@ -130,8 +130,9 @@ def test_quick_sweep_end_to_end(tmp_path, capsys):
         for v in ("raw", "recap"):
             cell = r["variants"][v]["alignment"]
             assert 0.0 <= cell["ci"][0] <= cell["mean"] <= cell["ci"][1] <= 1.0
-    t5 = json.loads((out / "runs" / "t5_p0_00_s0" / "export" / "t2i_recap.json").read_text())
-    assert "t5" in json.dumps(t5).lower()
+    t5 = json.loads((out / "runs" / "t5_p0_00_s0" / "export" / "text_encoder" / "config.json").read_text())
+    clip = json.loads((out / "runs" / "p0_00" / "export" / "text_encoder" / "config.json").read_text())
+    assert t5["model_type"] == "t5" and clip["model_type"] != "t5"
     with Image.open(out / "sweep" / "sweep.png") as img:
         assert img.format == "PNG"
     before = {p: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json")}
