@@ -423,7 +423,7 @@ def _example(rec: Record, image, captions: dict[str, str | None], resolution: in
 
 def build_source(cfg: DataConfig):
     if cfg.sources:
-        return MixedSource.build(cfg)
+        return MixedSource.build(cfg, WebDatasetSource, record=Record, stream=rank_records)
     if cfg.shards:
         return WebDatasetSource(cfg)
     if cfg.hf_dataset:

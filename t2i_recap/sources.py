@@ -77,8 +77,11 @@ def check_sources(data) -> None:
 class MixedSource:
     """Sources of `t2i_recap.data` behind one shard list (for the feature cache), mixed per sample."""
 
-    def __init__(self, subs: list, names: list[str], weights: list[float], caption_names=None) -> None:
+    def __init__(self, subs: list, names: list[str], weights: list[float], *, record, stream,
+                 caption_names=None) -> None:
+        """`record`: t2i_recap.data.Record; `stream`: t2i_recap.data.rank_records (passed in: data imports this file)."""
         self.subs, self.names, self.weights = subs, names, weights
+        self.record, self.stream = record, stream
         self.caption_names = caption_names or subs[0].caption_names
         self.where = [(j, i) for j, sub in enumerate(subs) for i in range(len(sub.shards))]
         self.shards = [self._id(j, subs[j].shards[i]) for j, i in self.where]
@@ -91,26 +94,24 @@ class MixedSource:
         return shard if shard.startswith(prefix) else prefix + shard
 
     @classmethod
-    def build(cls, data) -> "MixedSource":
-        from t2i_recap.data import WebDatasetSource
-
+    def build(cls, data, make, *, record, stream) -> "MixedSource":
+        """The mixture of `data.sources`, each source made by `make(its DataConfig)`."""
         check_sources(data)
-        return cls([WebDatasetSource(cfg) for cfg in source_configs(data)], [s.name for s in data.sources],
-                   [s.weight for s in data.sources])
+        return cls([make(cfg) for cfg in source_configs(data)], [s.name for s in data.sources],
+                   [s.weight for s in data.sources], record=record, stream=stream)
 
     def remix(self, make) -> "MixedSource":
         """The same mixture over other per-source sources, `make(this mixture's shard ids of source j)`
         (e.g. their feature cache files)."""
         subs = [make([self.shards[k] for k, (jj, _) in enumerate(self.where) if jj == j]) for j in range(len(self.subs))]
-        return MixedSource(subs, self.names, self.weights, self.caption_names)
+        return MixedSource(subs, self.names, self.weights, record=self.record, stream=self.stream,
+                           caption_names=self.caption_names)
 
     # shard-indexed access, as `t2i_recap.cache.prepare_cache` reads a source
     def records(self, index: int):
-        from t2i_recap.data import Record
-
         j, i = self.where[index]
         for rec in self.subs[j].records(i):
-            yield Record(self.shards[index], rec.key, (j, rec))
+            yield self.record(self.shards[index], rec.key, (j, rec))
 
     def shard_stat(self, index: int) -> dict:
         j, i = self.where[index]
@@ -137,18 +138,16 @@ class MixedSource:
     def mixed_records(self, *, seed: int, rank: int, world: int, buffer: int,
                       start: tuple = (0, 0)) -> Iterator[tuple[tuple, object]]:
         """The rank's mixed record stream from cursor `start`; yields (cursor after, record)."""
-        from t2i_recap.data import Record, rank_records
-
         n = len(self.subs)
         if len(start) == 2:  # a plain (epoch, offset): restart every source at that epoch (another world size)
             start = (0, *[v for _ in range(n) for v in (start[0], 0)])
         if len(start) != 1 + 2 * n:
             raise ValueError(f"data cursor {list(start)} is not one of {n} sources (was data.sources changed?)")
         draw, cursors = start[0], [tuple(start[1 + 2 * j:3 + 2 * j]) for j in range(n)]
-        streams = [rank_records(sub, seed=seed, rank=rank, world=world, buffer=buffer, start=cursors[j])
+        streams = [self.stream(sub, seed=seed, rank=rank, world=world, buffer=buffer, start=cursors[j])
                    for j, sub in enumerate(self.subs)]
         while True:
             j = self.pick(seed, rank, draw)
             cursors[j], rec = next(streams[j])
             draw += 1
-            yield (draw, *[v for c in cursors for v in c]), Record(self._id(j, rec.shard), rec.key, (j, rec))
+            yield (draw, *[v for c in cursors for v in c]), self.record(self._id(j, rec.shard), rec.key, (j, rec))
