@@ -10,6 +10,12 @@ was finished before. Processes that overlap (two runs on one --out) share the wo
 per-shard claims (`t2i_recap.claims`): no shard is captioned twice, and a dead process's shard is
 taken over. SIGTERM/SIGINT stop at the next batch boundary: finished sidecars stay, the current
 shard leaves nothing visible, and the exit code is 128 + the signal number (143 for SIGTERM).
+
+    t2i-recap caption run --engine ray --workers 8 --input ... --out recaps --model PATH_OR_ID
+
+`--engine ray` (`captioner.ray_engine`): this process drives Ray workers, one model replica each,
+handing out the next unfinished shard to whichever worker frees up; a dead worker's shard is
+handed out again. Each shard goes through the same `caption_shard` and the same claims as above.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import argparse
 import collections
 import dataclasses
 import json
+import logging
 import os
 import queue
 import signal
@@ -33,11 +40,13 @@ from tqdm import tqdm
 from t2i_recap.claims import ClaimConfig, ClaimLost, Claims
 from t2i_recap.config import ConfigError, load_config, save_config
 from t2i_recap.identity import describe, model_digest, stamp
+from t2i_recap.extras import MissingExtraError, require
 from t2i_recap.io import DiskFullError
 from t2i_recap import storage
 from t2i_recap.logging_utils import get_logger, setup_logging
 
 from .prompts import DEFAULT_MAX_HINT_CHARS, build_prompt_with_notes, check_template
+from .ray_engine import Driver, RaySettings, ShardReply, WorkerStartError, connect
 from .readers import ReaderConfig, Sample, Shard, open_shards
 from .repetition import is_repetitive
 from .writer import Row, read_info, remove_stale_temps, sidecar_path, stale_reason, write_sidecar
@@ -90,6 +99,22 @@ class CaptionRunConfig:
     (`t2i_recap.storage.claims_root`)."""
     allow_empty_shards: bool = False
     """A shard where every sample was skipped is an error (exit 1) unless this is set."""
+    engine: Literal["accelerate", "ray"] = "accelerate"
+    """`accelerate`: this process captions shard i of every WORLD_SIZE (accelerate launch, torchrun, or
+    alone); `ray`: this process drives Ray workers, handing each the next shard as it frees up."""
+    workers: int | None = None
+    """engine ray: workers, each holding one model replica; default one per GPU of the cluster, or 1
+    where it has none."""
+    ray_address: str | None = None
+    """engine ray: the cluster to join (`auto`, `HOST:6379`, `ray://HOST:10001`); default: the one in
+    RAY_ADDRESS if set, else a local Ray instance started for this run."""
+    ray_max_retries: int = 2
+    """engine ray: times a shard is handed out again after the worker captioning it died (killed,
+    out of memory, node lost); past that the shard is reported failed with the reasons."""
+    ray_cpus_per_worker: float = 1.0
+    """engine ray: CPUs reserved for each worker (on the CPU, also its torch threads)."""
+    ray_gpus_per_worker: float | None = None
+    """engine ray: GPUs reserved for each worker; default 1 where the cluster has GPUs, else 0."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -98,10 +123,29 @@ class CaptionRunConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.prefetch_batches < 0:
             raise ValueError(f"prefetch_batches must be >= 0, got {self.prefetch_batches}")
+        self._check_engine()
         if self.prompt == "custom":
             if not self.template:
                 raise ValueError("prompt 'custom' needs a template")
             check_template(self.template)
+
+    def _check_engine(self) -> None:
+        if self.engine not in ("accelerate", "ray"):
+            raise ValueError(f"engine must be 'accelerate' or 'ray', got {self.engine!r}")
+        if self.engine != "ray":
+            given = [f"{name}={getattr(self, name)!r}" for name in ("workers", "ray_address")
+                     if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only for engine ray (pass --engine ray); under accelerate "
+                                 "the launcher's process count sets the workers")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.ray_max_retries < 0:
+            raise ValueError(f"ray_max_retries must be >= 0, got {self.ray_max_retries}")
+        if self.ray_cpus_per_worker <= 0:
+            raise ValueError(f"ray_cpus_per_worker must be > 0, got {self.ray_cpus_per_worker}")
+        if self.ray_gpus_per_worker is not None and self.ray_gpus_per_worker < 0:
+            raise ValueError(f"ray_gpus_per_worker must be >= 0, got {self.ray_gpus_per_worker}")
 
     def fingerprint(self) -> dict:
         """Settings that change the captions: a finished sidecar is reused only if these match.
@@ -330,6 +374,7 @@ def shard_metadata(cfg: CaptionRunConfig, backend, shard: Shard, counts: Counts,
         "shard": {"name": shard.name, "source": shard.source, "input": source},
         "counts": dataclasses.asdict(counts),
         "images_per_second": round(captioned / counts.seconds, 4) if counts.seconds > 0 else None,
+        "engine": cfg.engine,
         "rank": dist.rank,
         "world_size": dist.world,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -349,45 +394,26 @@ def _version(pkg: str) -> str | None:
 
 
 def caption_run(cfg: CaptionRunConfig, dist: Dist | None = None, backend=None) -> dict:
-    """Caption this rank's unfinished shards; returns a summary (also the CLI's output)."""
+    """Caption the unfinished shards (this rank's, or with engine ray all of them); returns a summary."""
+    if cfg.engine == "ray":
+        if dist is not None or backend is not None:
+            raise ValueError("engine ray starts its own workers, each loading the model: pass neither dist nor backend")
+        return _caption_run_ray(cfg)
     dist = dist or Dist.from_env()
-    for name in ("input", "out", "model"):
-        if not getattr(cfg, name):
-            raise ConfigError(f"{name}: required (--{name})")
-    out = storage.as_location(cfg.out)  # a local Path or an object-store URL
-    shards = open_shards(cfg.input, cfg.reader)
-    mine = dist.mine(shards)
-    fingerprint, model_path = cfg.fingerprint(), local_model_path(cfg.model)
-    todo = [s for s in mine if stale_reason(sidecar_path(out, s.name), fingerprint, model_path=model_path,
-                                            shard_file=shard_file(s)) is not None]
-    log.info("%d shards in %s; rank %d of %d owns %d, %d already done", len(shards), cfg.input, dist.rank,
-             dist.world, len(mine), len(mine) - len(todo))
-    storage.makedirs(out)
+    plan = plan_run(cfg, dist)
+    out, todo = plan.out, plan.todo
     if dist.rank == 0:
         save_config(cfg, storage.join(out, "caption_config.yaml"))
-    summary = {"rank": dist.rank, "world_size": dist.world, "shards_total": len(shards), "shards_mine": len(mine),
-               "shards_skipped_done": len(mine) - len(todo), "shards_done": 0, "shards_failed": [],
-               "shards_empty": [s.name for s in mine if s not in todo and _was_empty(sidecar_path(out, s.name))],
-               "counts": Counts()}
+    summary = new_summary(plan, dist)
     if todo and backend is None:
-        from .backend import default_device, make_backend
-
         # `accelerate launch --cpu` asks for the CPU even where a GPU exists.
         cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-        device = cfg.device or ("cpu" if cpu else str(default_device(dist.local_rank)))
-        backend = make_backend(cfg.backend, cfg.model, device=device, dtype=cfg.dtype,
-                               trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
-                               kv_cache=cfg.kv_cache)
+        backend = load_backend(cfg, "cpu" if cpu else None, dist.local_rank)
     worker = ShardCaptioner(backend, cfg)
-    claims = Claims(storage.claims_root(out, cfg.claims_dir, dist.world), cfg.claims)
+    claims = run_claims(cfg, dist.world)
     summary.update(shards_done_elsewhere=0, shards_lost=[], interrupted=None, claim_owner=claims.owner.describe())
-
-    def is_done(s: Shard) -> bool:  # asked again once claimed: another process may have just finished it
-        return stale_reason(sidecar_path(out, s.name), fingerprint, model_path=model_path,
-                            shard_file=shard_file(s)) is None
-
     with StopSignals() as stop:
-        claimed = claims.each(todo, lambda s: s.name, is_done, stop.event)
+        claimed = claims.each(todo, lambda s: s.name, lambda s: shard_done(cfg, s), stop.event)
         try:
             _caption_claimed(claimed, worker, cfg, backend, dist, summary, stop, claims.owner.describe())
         finally:
@@ -399,47 +425,228 @@ def caption_run(cfg: CaptionRunConfig, dist: Dist | None = None, backend=None) -
     return summary
 
 
-def _caption_claimed(claimed, worker: ShardCaptioner, cfg: CaptionRunConfig, backend, dist: Dist, summary: dict,
-                     stop: "StopSignals", owner: dict) -> None:
-    """Caption each shard this process holds the claim on; a stop signal ends the loop at a batch boundary."""
+@dataclasses.dataclass
+class RunPlan:
+    """The shards of a run: all of them, those this process is given, and those of these not yet done."""
+
+    out: Path | str
+    shards: list[Shard]
+    mine: list[Shard]
+    todo: list[Shard]
+
+
+def plan_run(cfg: CaptionRunConfig, dist: Dist) -> RunPlan:
+    """Check the required settings, list the shards and find the unfinished ones of this rank."""
+    for name in ("input", "out", "model"):
+        if not getattr(cfg, name):
+            raise ConfigError(f"{name}: required (--{name})")
     out = storage.as_location(cfg.out)  # a local Path or an object-store URL
-    for shard, claim in claimed:
-        path = sidecar_path(out, shard.name)
-        remove_stale_temps(path)  # only the claim holder may: another process could be writing it otherwise
-        bar = tqdm(desc=f"{shard.name}", unit="img", disable=dist.rank != 0 or not sys.stderr.isatty())
-        try:
-            source = _describe(shard)
-            rows, counts = worker.run(shard, bar, at_batch=lambda: stop.check() or claim.check())
-            _check_unchanged(shard, source)
-            if source is not None:
-                source["samples"] = len(rows)
-            claim.check()  # a process that stalled past the stale timeout must not overwrite the taker's work
-            write_sidecar(path, rows, {**shard_metadata(cfg, backend, shard, counts, dist, source), "claim": owner})
-        except Stopped:
-            log.warning("%s: stopped by %s before it was finished; no sidecar written", shard.name, stop.signal_name)
-            return
-        except ClaimLost as exc:
-            summary["shards_lost"].append({"shard": shard.name, "error": str(exc)})
-            continue
-        except DiskFullError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - an unreadable shard must not stop the others
-            where = f" after sample {worker.last_key!r}" if worker.last_key is not None else ""
-            log.error("shard %s (%s) failed%s, no sidecar written: %s: %s", shard.name, shard.source, where,
-                      type(exc).__name__, exc)
-            summary["shards_failed"].append({"shard": shard.name, "after_key": worker.last_key,
-                                             "error": f"{type(exc).__name__}: {exc}"})
-            continue
-        finally:
-            bar.close()
+    shards = open_shards(cfg.input, cfg.reader)
+    mine = dist.mine(shards)
+    todo = [s for s in mine if not shard_done(cfg, s)]
+    if dist.world > 1:
+        log.info("%d shards in %s; rank %d of %d owns %d, %d already done", len(shards), cfg.input, dist.rank,
+                 dist.world, len(mine), len(mine) - len(todo))
+    else:
+        log.info("%d shards in %s, %d already done", len(shards), cfg.input, len(shards) - len(todo))
+    storage.makedirs(out)
+    return RunPlan(out, shards, mine, todo)
+
+
+def shard_done(cfg: CaptionRunConfig, shard: Shard) -> bool:
+    """Is the shard's sidecar finished, with these settings, from this input? (`writer.stale_reason`)"""
+    path = sidecar_path(storage.as_location(cfg.out), shard.name)
+    return stale_reason(path, cfg.fingerprint(), model_path=local_model_path(cfg.model),
+                        shard_file=shard_file(shard)) is None
+
+
+def new_summary(plan: RunPlan, dist: Dist) -> dict:
+    """The summary fields both engines report, before any shard is captioned."""
+    todo = {s.name for s in plan.todo}
+    return {"engine": "accelerate", "rank": dist.rank, "world_size": dist.world, "shards_total": len(plan.shards),
+            "shards_mine": len(plan.mine), "shards_skipped_done": len(plan.mine) - len(todo), "shards_done": 0,
+            "shards_failed": [], "counts": Counts(),
+            "shards_empty": [s.name for s in plan.mine if s.name not in todo
+                             and _was_empty(sidecar_path(plan.out, s.name))]}
+
+
+def load_backend(cfg: CaptionRunConfig, device: str | None = None, local_rank: int = 0):
+    """The captioner named by `cfg`, on `cfg.device`, else `device`, else cuda:LOCAL_RANK or the CPU."""
+    from .backend import default_device, make_backend
+
+    device = cfg.device or device or str(default_device(local_rank))
+    return make_backend(cfg.backend, cfg.model, device=device, dtype=cfg.dtype,
+                        trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
+                        kv_cache=cfg.kv_cache)
+
+
+def run_claims(cfg: CaptionRunConfig, world: int) -> Claims:
+    """This process's claims on the run's output folder, `world` being how many processes write to it."""
+    return Claims(storage.claims_root(storage.as_location(cfg.out), cfg.claims_dir, world), cfg.claims)
+
+
+@dataclasses.dataclass
+class ShardOutcome:
+    """How one claimed shard ended: `done` (sidecar written), `failed` (no sidecar; `error` says why),
+    `lost` (another process took the claim over) or `stopped` (a stop signal, at a batch boundary)."""
+
+    shard: str
+    source: str
+    status: Literal["done", "failed", "lost", "stopped"]
+    counts: Counts | None = None
+    samples: int = 0
+    error: str | None = None
+    after_key: str | None = None
+
+
+def caption_shard(shard: Shard, claim, worker: ShardCaptioner, cfg: CaptionRunConfig, backend, dist: Dist,
+                  owner: dict, check: Callable[[], None], progress: tqdm | None = None) -> ShardOutcome:
+    """Caption one shard whose claim this process holds and write its sidecar; both engines call this.
+
+    `check` is called before each batch and raises `Stopped` to abandon the shard. Errors of the
+    shard (unreadable, changed while read, every sample failed) become a `failed` outcome; a full
+    disk is raised, since every later shard would fail the same way.
+    """
+    path = sidecar_path(storage.as_location(cfg.out), shard.name)
+    remove_stale_temps(path)  # only the claim holder may: another process could be writing it otherwise
+    try:
+        source = _describe(shard)
+        rows, counts = worker.run(shard, progress, at_batch=lambda: check() or claim.check())
+        _check_unchanged(shard, source)
+        if source is not None:
+            source["samples"] = len(rows)
+        claim.check()  # a process that stalled past the stale timeout must not overwrite the taker's work
+        write_sidecar(path, rows, {**shard_metadata(cfg, backend, shard, counts, dist, source), "claim": owner})
+    except Stopped as exc:
+        log.warning("%s: stopped by %s before it was finished; no sidecar written", shard.name, exc)
+        return ShardOutcome(shard.name, shard.source, "stopped", error=str(exc))
+    except ClaimLost as exc:
+        return ShardOutcome(shard.name, shard.source, "lost", error=str(exc))
+    except DiskFullError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an unreadable shard must not stop the others
+        where = f" after sample {worker.last_key!r}" if worker.last_key is not None else ""
+        log.error("shard %s (%s) failed%s, no sidecar written: %s: %s", shard.name, shard.source, where,
+                  type(exc).__name__, exc)
+        return ShardOutcome(shard.name, shard.source, "failed", error=f"{type(exc).__name__}: {exc}",
+                            after_key=worker.last_key)
+    return ShardOutcome(shard.name, shard.source, "done", counts=counts, samples=len(rows))
+
+
+def record_outcome(summary: dict, outcome: ShardOutcome) -> None:
+    """Add one shard's outcome to a run summary (`stopped` adds nothing: the shard is simply not done)."""
+    if outcome.status == "lost":
+        summary["shards_lost"].append({"shard": outcome.shard, "error": outcome.error})
+    elif outcome.status == "failed":
+        summary["shards_failed"].append({"shard": outcome.shard, "after_key": outcome.after_key,
+                                         "error": outcome.error})
+    elif outcome.status == "done":
+        counts = outcome.counts
         summary["counts"].add(counts)
         summary["shards_done"] += 1
         if counts.ok == 0 and counts.failed == 0:
             log.error("shard %s (%s): every one of its %d samples was skipped; nothing in it was captioned",
-                      shard.name, shard.source, len(rows))
-            summary["shards_empty"].append(shard.name)
-        log.info("%s: %d ok, %d skipped, %d failed, %d hit the cap, %d repetitive (%.1f s)", shard.name,
+                      outcome.shard, outcome.source, outcome.samples)
+            summary["shards_empty"].append(outcome.shard)
+        log.info("%s: %d ok, %d skipped, %d failed, %d hit the cap, %d repetitive (%.1f s)", outcome.shard,
                  counts.ok, counts.skipped, counts.failed, counts.length, counts.repetition, counts.seconds)
+
+
+def _caption_claimed(claimed, worker: ShardCaptioner, cfg: CaptionRunConfig, backend, dist: Dist, summary: dict,
+                     stop: "StopSignals", owner: dict) -> None:
+    """Caption each shard this process holds the claim on; a stop signal ends the loop at a batch boundary."""
+    for shard, claim in claimed:
+        bar = tqdm(desc=f"{shard.name}", unit="img", disable=dist.rank != 0 or not sys.stderr.isatty())
+        try:
+            outcome = caption_shard(shard, claim, worker, cfg, backend, dist, owner, stop.check, bar)
+        finally:
+            bar.close()
+        record_outcome(summary, outcome)
+        if outcome.status == "stopped":
+            return
+
+
+# ---------------------------------------------------------------- engine ray
+
+
+def _caption_run_ray(cfg: CaptionRunConfig) -> dict:
+    """Caption every unfinished shard on Ray workers (`ray_engine.Driver`), each a `ShardWorker`."""
+    ray = require("ray", "ray", "caption run --engine ray")
+    plan = plan_run(cfg, Dist())
+    save_config(cfg, storage.join(plan.out, "caption_config.yaml"))
+    summary = new_summary(plan, Dist())
+    summary.update(engine="ray", world_size=0, shards_done_elsewhere=0, shards_lost=[], interrupted=None,
+                   retries=[], workers=[])
+    settings = RaySettings(cfg.workers, cfg.ray_address, cfg.ray_max_retries, cfg.ray_cpus_per_worker,
+                           cfg.ray_gpus_per_worker, cfg.claims.poll_s)
+    if plan.todo:
+        if (cfg.workers or 2) > 1:  # several workers on an object-store --out need claims_dir: refused before Ray starts
+            storage.claims_root(plan.out, cfg.claims_dir, 2)
+        connected_here = connect(ray, settings)
+        try:
+            with StopSignals() as stop:  # after ray.init, which installs its own SIGTERM handler
+                Driver(ray, settings, ShardWorker, (cfg,), [s.name for s in plan.todo], summary,
+                       lambda outcome: record_outcome(summary, outcome), stop.event).run()
+                summary["interrupted"] = stop.signal_name
+        finally:
+            if connected_here:
+                ray.shutdown()
+    if not storage.is_url(plan.out) or cfg.claims_dir:  # a lone worker's private claims folder is its own
+        run_claims(cfg, max(1, summary["world_size"])).prune()
+    summary["counts"] = dataclasses.asdict(summary["counts"])
+    return summary
+
+
+class ShardWorker:
+    """One model replica in its own process (a Ray actor): `caption(name)` claims one shard and captions
+    it with `caption_shard`, as the accelerate path does. `stop` is called from another thread."""
+
+    def __init__(self, cfg: CaptionRunConfig, index: int, world: int, device: str | None) -> None:
+        setup_logging(logging.WARNING)  # the driver logs each shard's counts; workers only what went wrong
+        if (cfg.device or device) == "cpu":
+            import torch
+
+            torch.set_num_threads(max(1, int(cfg.ray_cpus_per_worker)))
+        self.cfg, self.dist = cfg, Dist(rank=index, world=world)
+        self.shards = {s.name: s for s in open_shards(cfg.input, cfg.reader)}
+        self.backend = load_backend(cfg, device)
+        self.captioner = ShardCaptioner(self.backend, cfg)
+        self.claims = run_claims(cfg, world)
+        self.owner = self.claims.owner.describe()
+        self._stop = threading.Event()
+        self._stop_reason = ""
+
+    def describe(self) -> dict:
+        return {"index": self.dist.rank, "host": self.owner["host"], "pid": self.owner["pid"],
+                "claim_token": self.owner["token"]}
+
+    def caption(self, name: str) -> ShardReply:
+        shard = self.shards.get(name)
+        if shard is None:
+            outcome = ShardOutcome(name, "?", "failed", error=f"shard {name!r} is not in this worker's listing of "
+                                   f"{self.cfg.input} (did the input change after the run started?)")
+            return ShardReply("finished", name, self.describe(), outcome)
+        claim = self.claims.try_acquire(name)
+        if claim is None:
+            return ShardReply("busy", name, self.describe())
+        with claim:
+            if shard_done(self.cfg, shard):  # asked again once claimed: its last owner may have just finished
+                return ShardReply("done_elsewhere", name, self.describe())
+            outcome = caption_shard(shard, claim, self.captioner, self.cfg, self.backend, self.dist, self.owner,
+                                    self._check)
+        if outcome.status == "stopped":
+            return ShardReply("stopped", name, self.describe(), outcome)
+        images = outcome.counts.ok + outcome.counts.failed if outcome.counts is not None else 0
+        return ShardReply("finished", name, self.describe(), outcome, images)
+
+    def stop(self, reason: str) -> None:
+        """Abandon the shard in hand at its next batch boundary."""
+        self._stop_reason = reason
+        self._stop.set()
+
+    def _check(self) -> None:
+        if self._stop.is_set():
+            raise Stopped(self._stop_reason)
 
 
 class Stopped(Exception):
@@ -521,6 +728,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", default=None)
     p.add_argument("--allow-empty-shards", action="store_true", default=None,
                    help="exit 0 even when every sample of some shard was skipped")
+    p.add_argument("--engine", choices=["accelerate", "ray"],
+                   help="accelerate (default): this process or launcher rank; ray: Ray workers take shards as they free up")
+    p.add_argument("--workers", type=int, help="engine ray: model replicas (default: one per GPU, else 1)")
+    p.add_argument("--ray-address", help="engine ray: cluster to join (auto, HOST:6379); default: a local Ray instance")
     return p
 
 
@@ -528,7 +739,8 @@ def config_from_args(args: argparse.Namespace) -> CaptionRunConfig:
     flags = {"input": args.input, "out": args.out, "model": args.model, "prompt": args.prompt,
              "template": args.template, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
              "dtype": args.dtype, "device": args.device, "trust_remote_code": args.trust_remote_code,
-             "allow_empty_shards": args.allow_empty_shards}
+             "allow_empty_shards": args.allow_empty_shards, "engine": args.engine, "workers": args.workers,
+             "ray_address": args.ray_address}
     overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
     if args.input_format:
         overrides.append(f"reader.format={args.input_format}")
@@ -543,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         summary = caption_run(cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, MissingExtraError, WorkerStartError) as exc:
         print(f"t2i-recap caption run: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))
