@@ -30,19 +30,6 @@ def run_command(argv: list[str], threads: int | None = None) -> None:
         raise SystemExit(f"sweep: `t2i-recap {' '.join(argv)}` failed with exit code {code}")
 
 
-def parse_p_list(text: str) -> list[float]:
-    """`0,0.2,0.5` -> [0.0, 0.2, 0.5]: each a share of original captions in [0, 1], no repeats."""
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"--p {text!r}: expected comma-separated numbers in [0, 1], e.g. 0,0.2,0.5,1") from None
-    if not values or any(not 0.0 <= v <= 1.0 for v in values):
-        raise ValueError(f"--p {text!r}: expected comma-separated numbers in [0, 1], e.g. 0,0.2,0.5,1")
-    if len(set(values)) != len(values):
-        raise ValueError(f"--p {text!r}: a p value is listed twice")
-    return values
-
-
 def p_name(p: float) -> str:
     """A folder name for a p value: 0.2 -> p0_20."""
     return f"p{p:.2f}".replace(".", "_")

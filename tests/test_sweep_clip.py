@@ -108,12 +108,17 @@ def test_demo_source_needs_its_shards_and_sidecars(tmp_path):
 
 
 def test_flags_and_config_checks():
-    assert sweep_mod.parse_p_list("0,0.2,1") == [0.0, 0.2, 1.0]
-    for bad in ("0,1.5", "a,b", "", "0.2,0.2"):
-        with pytest.raises(ValueError, match="--p"):
-            sweep_mod.parse_p_list(bad)
+    from t2i_recap.cli_config import config_from_args
+
+    parser = sweep.build_parser()
+    args = parser.parse_args(["--p", "0,0.2", "--p", "1", "--out", "o", "--clip-set", "model.num_layers=1"])
+    cfg = config_from_args(sweep.ClipSweepConfig, args)
+    assert cfg.p_values == [0.0, 0.2, 1.0] and cfg.overrides == ["model.num_layers=1"]
+    for bad in ("0,1.5", "0.2,0.2"):
+        with pytest.raises(SystemExit) as exc:
+            sweep.main(["--p", bad, "--out", "unused"])
+        assert exc.value.code == 2
     with pytest.raises(ValueError, match="retrieval_n"):
         _cfg(retrieval_n=5)
-    assert cli_main(["clip", "sweep", "--p", "0,2", "--out", "unused"]) == 2
     assert sweep_mod.best_p([(0.0, {"mean": 0.5}), (0.5, {"mean": 0.7}), (1.0, {"mean": 0.7})]) == 0.5
     assert sweep_mod.best_p([(0.0, None), (1.0, {"mean": None})]) is None

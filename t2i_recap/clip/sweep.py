@@ -22,15 +22,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
-from t2i_recap.config import from_dict, load_config, load_yaml, parse_override, save_config, to_dict
+from t2i_recap.cli_config import add_config_arguments, add_options, config_from_args, options_from_args
+from t2i_recap.config import ConfigError, from_dict, load_config, load_yaml, parse_override, save_config, to_dict
 from t2i_recap.io import atomic_write_text
 from t2i_recap.logging_utils import get_logger, setup_logging
 from t2i_recap.stages import Stage, StageRunner
-from t2i_recap.sweep import best_p, fmt_ci, md_table, p_name, parse_p_list, plot_against_p, run_command
+from t2i_recap.sweep import best_p, fmt_ci, md_table, p_name, plot_against_p, run_command
 
 log = get_logger(__name__)
 
@@ -45,11 +45,11 @@ LONG = ("i2t_r1", "t2i_r1")
 
 @dataclasses.dataclass
 class ClipSweepConfig:
-    """A CLIP mixing sweep; every field is also `--set key=value`."""
+    """A CLIP mixing sweep; every field is also `--set key=value` (or a key of a --config YAML)."""
 
     p_values: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.2, 0.5, 0.8, 1.0])
     """Caption-mixing ratios: the share of ORIGINAL captions (1.0 = alt-texts only, 0.0 = recaptions only)."""
-    config: str = "shapes_tiny"
+    recipe: str = "shapes_tiny"
     """The CLIP recipe: a shipped recipe's name (configs/clip/) or a YAML path."""
     steps: int = 600
     """Training steps per CLIP."""
@@ -129,7 +129,7 @@ class ClipSweep:
         from t2i_recap.shapes.assets import PREBUILT
 
         c = self.cfg
-        data = load_yaml(resolve_config(c.config, "clip"))
+        data = load_yaml(resolve_config(c.recipe, "clip"))
         paths = self.data_paths()
         data.setdefault("data", {}).update({k: paths[k] for k in ("shards", "recaption_dir", "original_caption",
                                                                    "recaption")}, resolution=c.resolution)
@@ -142,7 +142,7 @@ class ClipSweep:
         for item in c.overrides:
             _merge(data, parse_override(item))
         data.setdefault("checkpoint", {})["every_steps"] = max(1, min(c.steps, 200))
-        cfg = from_dict(ClipTrainConfig, data, f"{c.config} with the sweep's settings")
+        cfg = from_dict(ClipTrainConfig, data, f"{c.recipe} with the sweep's settings")
         path = self.out / "clip_base.yaml"
         save_config(cfg, path)
         return path
@@ -206,7 +206,7 @@ class ClipSweep:
     def stages(self) -> list[Stage]:
         c = dataclasses.asdict(self.cfg)
         data = {k: c[k] for k in ("demo", "num_samples", "seed", "resolution")}
-        train = {k: c[k] for k in ("config", "steps", "batch_size", "lr", "seed", "resolution", "overrides")}
+        train = {k: c[k] for k in ("recipe", "steps", "batch_size", "lr", "seed", "resolution", "overrides")}
         step_s = STEP_SECONDS * self.cfg.batch_size / 64
         stages = [Stage("data", self.make_data, data, 0.0004 * self.cfg.num_samples + 2 if not self.cfg.demo else 1)]
         for p in self.cfg.p_values:
@@ -277,7 +277,7 @@ def render_markdown(result: dict) -> str:
     c = result["config"]
     lines = ["# CLIP caption-mixing sweep (the paper's Table 3 at toy scale)", "",
              _source_line(result["recaptions"]), "",
-             f"One CLIP per p ({c['config']}, {c['steps']} steps of {c['batch_size']} pairs, seed {c['seed']}); "
+             f"One CLIP per p ({c['recipe']}, {c['steps']} steps of {c['batch_size']} pairs, seed {c['seed']}); "
              f"p = share of ORIGINAL captions. Mean [95% bootstrap CI over items]; retrieval over "
              f"{c['retrieval_n']} pairs (chance R@1 {result['rows'][0]['chance_r1']:.3f}).", "",
              "## Retrieval (image-to-text, text-to-image; long: 3-4-object scenes)", ""]
@@ -316,35 +316,34 @@ def plot_result(result: dict, path: Path) -> Path:
 
 # ---- CLI ----------------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> int:
+@dataclasses.dataclass
+class ClipSweepOptions:
+    """Where one `t2i-recap clip sweep` call writes (not part of sweep_config.yaml's settings)."""
+
+    out: str = ""
+    """Output folder: data, one run per p, report.md/json/png (rerun to resume)."""
+
+
+FLAGS = {"--p": "p_values", "--steps": "steps", "--demo": "demo", "--clip-set": "overrides"}
+OPTIONS = {"--out": "out"}
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="t2i-recap clip sweep", description=__doc__.split("\n")[0])
-    ap.add_argument("--p", dest="p_values", help="comma-separated p values (default 0,0.2,0.5,0.8,1.0)")
-    ap.add_argument("--out", required=True, help="output folder (rerun to resume)")
-    ap.add_argument("--steps", type=int, help="training steps per CLIP")
-    ap.add_argument("--demo", help="a demo output folder: train on its captioner's recaptions")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a ClipSweepConfig field, e.g. --set num_samples=5000 (recipe keys: --set overrides=[...])")
-    ap.add_argument("--clip-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override a key of the CLIP recipe, e.g. --clip-set model.num_layers=4")
-    args = ap.parse_args(argv)
+    add_config_arguments(ap, ClipSweepConfig, FLAGS)
+    add_options(ap, ClipSweepOptions, OPTIONS, required=("--out",))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     setup_logging()
-    data: dict = {}
     try:
-        for item in args.set:
-            data.update(parse_override(item))
-        if args.p_values:
-            data["p_values"] = parse_p_list(args.p_values)
-        if args.steps is not None:
-            data["steps"] = args.steps
-        if args.demo:
-            data["demo"] = args.demo
-        if args.clip_set:
-            data["overrides"] = [*data.get("overrides", []), *args.clip_set]
-        cfg = from_dict(ClipSweepConfig, data, "clip sweep flags")
-    except ValueError as exc:
-        print(f"t2i-recap clip sweep: error: {exc}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
+        cfg = config_from_args(ClipSweepConfig, args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    out = Path(options_from_args(ClipSweepOptions, args).out)
     ClipSweep(cfg, out).run()
     print((out / "report.md").read_text(encoding="utf-8"))
     print(f"figure: {out / 'report.png'}")
