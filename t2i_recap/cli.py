@@ -32,7 +32,8 @@ def _usage() -> str:
     for words, (_, helptext) in COMMANDS.items():
         lines.append(f"  {' '.join(words):<18} {helptext}")
     lines.append("")
-    lines.append("`t2i-recap COMMAND --help` shows a command's options.")
+    lines.append("`t2i-recap COMMAND --help` shows a command's options. Every command takes --config FILE (YAML or a")
+    lines.append("shipped recipe name) and --set KEY=VALUE (repeatable); its flags win over --set, which wins over the file.")
     return "\n".join(lines)
 
 
