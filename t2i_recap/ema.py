@@ -56,16 +56,33 @@ class EMA:
         return self.cfg.decay
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int | None = None) -> None:
+    def update(self, model: torch.nn.Module, step: int | None = None, skip: torch.Tensor | None = None) -> None:
         """Blend in the live weights after optimizer step `step` (1-based).
 
         The warm-up reads the trainer's step, which the checkpoint already keeps, so a resumed run
         continues the same decay schedule; without `step` the decay is the constant maximum.
+        `skip`, a 0/1 device flag, leaves the shadow as it is when 1 (a skipped optimizer step)
+        without the host reading it. One `torch._foreach_lerp_` over all tensors: one kernel launch
+        per group of tensors instead of one per parameter.
         """
         decay = self.cfg.decay if step is None else self.cfg.decay_at(step)
+        shadows, live = self._pairs(model)
+        if not shadows:
+            return
+        if skip is None:
+            torch._foreach_lerp_(shadows, live, 1.0 - decay)
+        else:  # a tensor weight per tensor: lerp by 0 keeps the shadow exactly
+            weight = (1.0 - skip.to(shadows[0].dtype)) * (1.0 - decay)
+            torch._foreach_lerp_(shadows, live, [weight] * len(shadows))
+
+    def _pairs(self, model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(shadow, fp32 live weight) pairs in parameter order; a weight already fp32 is not copied."""
+        shadows, live = [], []
         for name, p in model.named_parameters():
             if name in self.shadow:
-                self.shadow[name].lerp_(p.detach().float(), 1.0 - decay)
+                shadows.append(self.shadow[name])
+                live.append(p.detach().float())
+        return shadows, live
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full tensors (a DTensor shard is gathered to the CPU, one at a time)."""

@@ -9,8 +9,14 @@ the paper's "features injected by cross-attention in every DiT block". Sizes fol
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
+import torch
 from diffusers import PixArtTransformer2DModel
+
+from t2i_recap.logging_utils import get_logger
+
+log = get_logger(__name__)
 
 # name -> (layers, heads, head_dim); width = heads * head_dim.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -32,8 +38,16 @@ class ModelConfig:
     """Recompute block activations in the backward pass (less memory, ~30% slower)."""
     attention: str = "sdpa"
     """Attention kernel: "sdpa" (PyTorch scaled_dot_product_attention, the default) or "xformers"."""
-    compile: bool = False
-    """Wrap the model in torch.compile."""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile each transformer block (fullgraph=True; the state-dict keys stay the same): auto = on
+    a CUDA device, off on the CPU (where compiling costs more than it saves at these sizes)."""
+    fast_blocks: bool | Literal["auto"] = "auto"
+    """The fast forward of t2i_recap/fast_dit.py (fused QKV, all blocks' cross-attention K/V in one matmul,
+    SDPA with a boolean padding mask; same weights and keys, same export): auto = on a CUDA device
+    (not under FSDP, which shards each block's weights), off on the CPU."""
+    residual_dtype: Literal["float32", "bfloat16"] = "float32"
+    """The activations between blocks (the residual stream) under fast_blocks: bfloat16 halves their
+    memory and traffic; weights, optimizer state and EMA stay fp32 either way."""
     learned_sigma: bool = False
     """Predict a variance channel too (out_channels = 2 x latent channels, as DiT/PixArt); the extra
     channels are only split off at sampling time, since both objectives here use a simple MSE loss."""
@@ -43,6 +57,22 @@ class ModelConfig:
             raise ValueError(f"unknown model {self.name!r}; known: {', '.join(MODELS)}")
         if self.attention not in ("sdpa", "xformers"):
             raise ValueError(f"attention must be 'sdpa' or 'xformers', got {self.attention!r}")
+        if self.compile not in ("auto", True, False):
+            raise ValueError(f"model.compile must be auto, true or false, got {self.compile!r}")
+        if self.fast_blocks not in ("auto", True, False):
+            raise ValueError(f"model.fast_blocks must be auto, true or false, got {self.fast_blocks!r}")
+        if self.residual_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"model.residual_dtype must be float32 or bfloat16, got {self.residual_dtype!r}")
+        if self.residual_dtype != "float32" and self.fast_blocks is False:
+            raise ValueError("model.residual_dtype=bfloat16 needs model.fast_blocks (auto or true)")
+
+    def compile_on(self, device: torch.device | str) -> bool:
+        """The resolved model.compile for a model on `device`."""
+        return self.compile is True or (self.compile == "auto" and torch.device(device).type == "cuda")
+
+    def fast_on(self, device: torch.device | str) -> bool:
+        """The resolved model.fast_blocks for a model on `device`."""
+        return self.fast_blocks is True or (self.fast_blocks == "auto" and torch.device(device).type == "cuda")
 
 
 def parse_name(name: str) -> tuple[str, int]:
@@ -87,3 +117,17 @@ def configure_model(model: PixArtTransformer2DModel, cfg: ModelConfig) -> None:
         except ImportError as exc:
             raise RuntimeError("model.attention=xformers but xformers is not installed: pip install t2i-recap[xformers]") from exc
         model.enable_xformers_memory_efficient_attention()
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """torch.compile every transformer block in place (nn.Module.compile: no wrapper, so state-dict
+    keys, FSDP wrapping and the export are untouched); one block's graph is reused by all blocks of
+    the same shapes. fullgraph=True: a graph break inside a block is an error, not a silent slowdown.
+    Returns the number of blocks compiled."""
+    blocks = list(getattr(model, "transformer_blocks", []))
+    if not blocks:
+        raise ValueError(f"model.compile: {type(model).__name__} has no transformer_blocks to compile")
+    for block in blocks:
+        block.compile(fullgraph=True)
+    log.info("torch.compile: %d transformer blocks (fullgraph)", len(blocks))
+    return len(blocks)

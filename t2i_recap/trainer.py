@@ -31,13 +31,15 @@ from t2i_recap.checkpoint import Checkpointer, ResumeConfigError, check_resume_c
 from t2i_recap.config import save_config, to_dict
 from t2i_recap.data import build_source, make_loader
 from t2i_recap.ema import EMA
+from t2i_recap.fast_dit import make_fast
 from t2i_recap.generation import generate_images, image_grid
 from t2i_recap.io import atomic_write_text
 from t2i_recap.logging_utils import get_logger
 from t2i_recap.lr_schedule import diffusers_name, lr_factor
-from t2i_recap.mixing import MixCounts, choose_named, select_named, trim_padding
-from t2i_recap.models import build_model, configure_model
+from t2i_recap.mixing import NAMED_EMPTY, MixCounts, choose_named, select_named
+from t2i_recap.models import build_model, compile_blocks, configure_model
 from t2i_recap.objectives import build_objective
+from t2i_recap.val_loss import ValidationLoss, split_holdout
 
 log = get_logger(__name__)
 
@@ -163,6 +165,35 @@ class StopFlag:
             signal.signal(sig, old)
 
 
+class HostCopy:
+    """A device tensor copied to pinned host memory without waiting; `get()` waits for that copy only
+    (an event recorded behind it), not for the work queued after it."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.event = None
+        if t.device.type == "cuda":
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = t
+
+    def get(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host
+
+
+def pin_loader(loader, device: torch.device) -> None:
+    """On CUDA, have the DataLoader return page-locked batches (its pin-memory thread copies them), so the
+    step's host-to-device copies are asynchronous (non_blocking) instead of waiting for the GPU.
+    Set on the loader before its iterator starts (DataLoader reads `pin_memory` there)."""
+    if torch.device(device).type == "cuda" and isinstance(loader, torch.utils.data.DataLoader):
+        loader.pin_memory = True
+        loader.pin_memory_device = ""
+
+
 def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The random stream of one micro-step, a function of (seed, rank, step, micro) alone, so a
     resumed run draws what the uninterrupted one drew. A CUDA device gets its own stream (word 1)."""
@@ -208,19 +239,24 @@ class Trainer:
         torch.manual_seed(t.seed + self.rank)
         self.encoder = feature_cache.FeatureEncoder(cfg.features, cfg.text_encoder, self.acc.device)
         self.source, self.empty = self._data()
+        self.empty_dev = {k: v.to(self.acc.device) for k, v in self.empty.items()}  # copied once, not every step
         latent_size = cfg.data.resolution // self.encoder.downsample
         model = build_model(cfg.model, latent_channels=self.encoder.latent_channels, latent_size=latent_size,
                             caption_channels=self.encoder.text.hidden_size).to(self.acc.device)
         configure_model(model, cfg.model)
+        self.fast = self._fast_blocks(model)
         self.objective = build_objective(cfg.objective)
+        self.val_loss = (ValidationLoss(self.heldout, self.encoder, self.objective, cfg.validation,
+                                        cfg.data.caption_specs()) if self.heldout is not None else None)
         self.opt = torch.optim.AdamW(model.parameters(), **cfg.optim.adamw_kwargs(self.acc.device))
         if self.acc.distributed_type == DistributedType.FSDP:
             if not self.acc.is_fsdp2:
                 raise ValueError("FSDP1 is not supported by the trainer; set fsdp_version: 2 in the accelerate config "
                                  "(docs/accelerate/fsdp_dit_xl.yaml)")
             fsdp.broadcast_weights(model)
-        if cfg.model.compile:
-            model = torch.compile(model)
+        self.compiled = cfg.model.compile_on(self.acc.device)
+        if self.compiled:
+            compile_blocks(model)
         # Prepared first: under FSDP2 the EMA, the restored weights and the optimizer state are shards.
         self.model, self.opt = self.acc.prepare(model, self.opt)
         if fsdp.is_sharded(self._bare()):
@@ -230,6 +266,7 @@ class Trainer:
         self.caption_names = tuple(cfg.data.caption_specs())
         self.truncated = {**{name: 0 for name in self.caption_names}, "chosen": 0}
         self.nonfinite_skipped, self.stop_signum = 0, 0
+        self._device_state()
         self.validation_failures: list[dict] = []  # steps whose grid failed (reported in summary.json)
         if resume_from is not None:
             self._restore(resume_from)
@@ -237,10 +274,36 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
             tracking.init_trackers(self.acc, to_dict(cfg))
 
+    def _fast_blocks(self, model: torch.nn.Module) -> bool:
+        """Switch the model to t2i_recap.fast_dit's forward when model.fast_blocks resolves on."""
+        m = self.cfg.model
+        if not m.fast_on(self.acc.device):
+            return False
+        if self.acc.distributed_type == DistributedType.FSDP:  # its K/V matmul reads every block's weights
+            if m.fast_blocks is True:
+                raise ValueError("model.fast_blocks=true cannot run under FSDP (each block's weights are sharded); "
+                                 "set it to auto or false")
+            log.info("model.fast_blocks=auto: off under FSDP")
+            return False
+        make_fast(model, getattr(torch, m.residual_dtype))
+        return True
+
+    def _device_state(self) -> None:
+        """The step's device-side records, read by `settle` (see train_step)."""
+        dev = self.acc.device
+        self.device_skip = self._device_skip()
+        self._skipped_dev = torch.zeros((), device=dev)  # skip: non-finite steps since the last settle
+        self._halted = torch.zeros((), device=dev)  # stop: 1 once a step was non-finite
+        self._bad_step = torch.zeros((), dtype=torch.long, device=dev)  # stop: that step (1-based)
+        self._bad_losses = torch.zeros(self.acc.gradient_accumulation_steps, device=dev)  # ... and its losses
+        self._pending_counts: HostCopy | None = None
+        self._bad: dict = {}
+        self._settled = (time.perf_counter(), 0)  # (time, samples) of the last settle
+
     def _data(self):
         """The batch source (cached features or raw samples) and the empty-caption features."""
         cfg, acc = self.cfg, self.acc
-        raw = build_source(cfg.data)
+        raw, self.heldout = split_holdout(build_source(cfg.data), cfg.validation, cfg.data)
         if not cfg.features.cache_dir:
             return raw, self.encoder.empty()
         cache_dir = Path(cfg.features.cache_dir)
@@ -298,23 +361,14 @@ class Trainer:
         f = self._features(batch)
         dev = self.acc.device
         ids = (self.cfg.trainer.seed, self.rank, self.step, micro)
-        gen = step_generator(*ids)  # caption choice: small, on the CPU beside the features
         # Noise, timesteps and the posterior sample are drawn where they are used: on a GPU a CPU draw
         # of batch x latent numbers, then a copy, leaves the GPU idle (measured: DiT-B/4 at batch 512).
+        gen = step_generator(*ids)  # caption choice: small, on the CPU beside the features
         noise_gen = gen if dev.type == "cpu" else step_generator(*ids, device=dev)
-        x0 = feature_cache.latents_from({k: f[k].to(dev) for k in ("mean", "logvar") if k in f}, noise_gen,
-                                        self.encoder.scaling_factor, self.encoder.shift_factor)
-        m = self.cfg.mixing
-        choice, counts = choose_named({n: f[f"has_{n}"] for n in self.caption_names}, m.resolved_weights(),
-                                      m.cfg_dropout, gen)
-        # Selected where the features are (CPU for the cache), so that the padding extent is read
-        # without waiting for the GPU; only the kept columns travel.
-        emb, mask = select_named(choice, {n: (f[f"{n}_emb"], f[f"{n}_mask"]) for n in choice.names},
-                                 (self.empty["emb"].to(f[f"{choice.names[0]}_emb"].device),
-                                  self.empty["mask"].to(f[f"{choice.names[0]}_mask"].device)))
-        emb, mask = trim_padding(emb, mask)  # right-padded (CLIP and T5 tokenizers pad on the right)
-        emb, mask = emb.to(dev), None if mask is None else mask.to(dev).float()
-        trunc = {n: int(f[f"{n}_truncated"][choice.index == i].sum()) for i, n in enumerate(choice.names)}
+        x0 = feature_cache.latents_from({k: f[k].to(dev, non_blocking=True) for k in ("mean", "logvar") if k in f},
+                                        noise_gen, self.encoder.scaling_factor, self.encoder.shift_factor)
+        choice, counts, trunc, keep, padded = self._host_side(f, gen)
+        emb, mask = self._captions(f, choice, keep, padded)
 
         def model_fn(x, t, **cond):
             return self.model(x, timestep=t, added_cond_kwargs=None, return_dict=False, **cond)[0]
@@ -323,10 +377,51 @@ class Trainer:
                                    encoder_attention_mask=mask)
         return loss, counts, trunc
 
+    def _host_side(self, f: dict, gen: torch.Generator) -> tuple:
+        """Everything of a micro-step the host reads: the caption choice (CFG dropout included), its
+        counts, the truncation counts and the padding extent of the chosen captions (how many token
+        columns to keep, whether any sample is still padded). All of it comes from the loader's CPU
+        tensors and a CPU generator, so none of it waits for the GPU."""
+        m = self.cfg.mixing
+        choice, counts = choose_named({n: f[f"has_{n}"] for n in self.caption_names}, m.resolved_weights(),
+                                      m.cfg_dropout, gen)
+        trunc = {n: int(f[f"{n}_truncated"].cpu()[choice.index == i].sum()) for i, n in enumerate(choice.names)}
+        if "flagged_recaption" in f:  # data.flagged_recaptions: counted at train time
+            counts.flagged_recaptions += int(f["flagged_recaption"].cpu().sum())
+        # The chosen masks, on the CPU: small (batch x tokens), unlike the embeddings.
+        masks = torch.stack([f[f"{n}_mask"].cpu() for n in choice.names], dim=1)
+        mask = masks[torch.arange(masks.shape[0]), choice.index.clamp(min=0)]
+        is_empty = (choice.index == NAMED_EMPTY).view(-1, 1)
+        mask = torch.where(is_empty, self.empty["mask"].to(mask.dtype).expand_as(mask), mask)
+        keep = int(mask.sum(dim=1).max().clamp(min=1))  # right-padded (CLIP and T5 tokenizers pad on the right)
+        return choice, counts, trunc, keep, not bool(mask[:, :keep].all())
+
+    def _captions(self, f: dict, choice, keep: int, padded: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The chosen caption features on the device, cut to the `keep` token columns that are not
+        padding in every sample (t2i_recap.mixing.trim_padding: masked keys get exactly zero weight, and
+        no mask at all lets SDPA take its flash kernel). Only the kept columns travel, as non-blocking
+        copies (pinned by the loader on CUDA), and the per-sample pick runs on the device."""
+        dev = self.acc.device
+
+        def cut(t: torch.Tensor) -> torch.Tensor:
+            return t[:, :keep].to(dev, non_blocking=True)
+
+        emb, mask = select_named(choice._replace(index=choice.index.to(dev, non_blocking=True)),
+                                 {n: (cut(f[f"{n}_emb"]), cut(f[f"{n}_mask"])) for n in choice.names},
+                                 (cut(self.empty_dev["emb"]), cut(self.empty_dev["mask"])))
+        return emb, (mask.float() if padded else None)
+
     def train_step(self, batches) -> dict:
-        """One optimizer step over `accumulation` micro-batches."""
-        t0, accum = time.perf_counter(), self.acc.gradient_accumulation_steps
-        losses, n, grad_norm, finite = [], 0, float("nan"), True
+        """One optimizer step over `accumulation` micro-batches.
+
+        Nothing here waits for the GPU: the non-finite check, the skipped update and the EMA's skip
+        are device-side flags (the fused AdamW's `found_inf`, as torch.amp.GradScaler uses it), and
+        the loss and gradient norm stay device tensors until `settle` reads them at a log,
+        checkpoint or validation step. Without a fused optimizer (or under fp16's grad scaler, or
+        FSDP) the check reads the flag on the host, as before.
+        """
+        accum = self.acc.gradient_accumulation_steps
+        losses, n, grad_norm, skip = [], 0, None, None
         for micro in range(accum):
             batch = next(batches)
             with self.acc.accumulate(self.model):
@@ -334,50 +429,129 @@ class Trainer:
                 self.acc.backward(loss)
                 losses.append(loss.detach())
                 if self.acc.sync_gradients:  # checked before the update, so a bad step never lands
-                    finite = self._check_finite(losses)
-                if finite and self.acc.sync_gradients and self.cfg.optim.max_grad_norm > 0:
-                    grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm))
+                    if self.cfg.optim.max_grad_norm > 0:
+                        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
+                    skip = self._nonfinite(torch.stack(losses), grad_norm)
                 for group in self.opt.param_groups:
                     group["lr"] = self.lr(self.step)
-                if finite:
-                    self.opt.step()
+                self._optimizer_step(skip)
                 self.opt.zero_grad(set_to_none=True)
             n += len(batch["key"])
             self.cursor = tuple(batch["cursor"])
             self.counts.add(counts)
-            self.counts.flagged_recaptions += int(batch["flagged_recaption"].sum()) if "flagged_recaption" in batch else 0
             self.counts.dropped_flagged += int(batch.get("dropped_flagged", 0))
             for k, v in trunc.items():
                 self.truncated[k] += v
                 self.truncated["chosen"] += v
-        if self.ema is not None and finite:
-            self.ema.update(self._bare(), self.step + 1)
+        if self.ema is not None and skip is not True:
+            self.ema.update(self._bare(), self.step + 1, skip=skip if isinstance(skip, torch.Tensor) else None)
         self.step += 1
+        self._count_samples(n)
         loss = self.acc.reduce(torch.stack(losses).mean(), reduction="mean")
-        # One reduce carries the sample count and the stop flag, so every process sees any one's signal.
-        reduced = self.acc.reduce(torch.tensor([n, self.stop.signum], device=self.acc.device), reduction="sum")
-        global_n, self.stop_signum = int(reduced[0]), int(reduced[1])
-        self.samples += global_n
-        return {"loss": float(loss), "lr": self.lr(self.step - 1), "grad_norm": grad_norm,
-                "img_per_s": global_n / (time.perf_counter() - t0)}
+        return {"loss": loss, "lr": self.lr(self.step - 1),
+                "grad_norm": grad_norm.detach() if grad_norm is not None else float("nan")}
 
-    def _check_finite(self, losses: list[torch.Tensor]) -> bool:
-        """True if every micro-batch loss of this step is finite on every process (all must agree)."""
-        bad = self.acc.reduce((~torch.isfinite(torch.stack(losses))).any().float(), reduction="sum")
-        if float(bad) == 0:
+    def _optimizer_step(self, skip: torch.Tensor | bool | None) -> None:
+        """AdamW's step; `skip` True drops it, a device flag makes the fused kernel drop it on the GPU."""
+        if isinstance(skip, torch.Tensor):
+            inner = self.opt.optimizer  # accelerate's wrapper steps it only when the gradients are synced
+            inner.found_inf = skip  # the fused AdamW leaves weights, moments and step counts as they were
+            try:
+                self.opt.step()
+            finally:
+                del inner.found_inf
+        elif not skip:
+            self.opt.step()
+
+    def _device_skip(self) -> bool:
+        """Whether a non-finite step is dropped on the device (no host sync) rather than on the host."""
+        fused = any(g.get("fused") for g in self.opt.param_groups)
+        return bool(fused) and self.acc.scaler is None and self.acc.distributed_type != DistributedType.FSDP
+
+    def _nonfinite(self, losses: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor | bool:
+        """Flag this step when any process saw a NaN/inf loss (or gradient norm), all agreeing.
+
+        Device path: returns the 0/1 skip flag as a tensor and records the event on the device (under
+        `stop`, every later update is dropped too, so the weights stay those before the bad step, and
+        `settle` raises). Host path: reads the flag now and returns a bool (or raises)."""
+        bad = ~torch.isfinite(losses).all()
+        if grad_norm is not None:
+            bad = bad | ~torch.isfinite(grad_norm.detach()).all()
+        bad = self.acc.reduce(bad.float().reshape(1), reduction="sum").clamp(max=1).reshape(())
+        if not self.device_skip:
+            if float(bad) == 0:
+                return False
+            self._bad = {"first": self.step + 1, "losses": losses}
+            self._raise_or_count()
             return True
-        values = [float(v) for v in losses]
+        if self.cfg.trainer.on_nonfinite_loss == "skip":
+            self._skipped_dev += bad
+            return bad
+        first = bad * (1 - self._halted)  # the first bad step of this run
+        self._bad_step = torch.where(first > 0, self.step + 1, self._bad_step)
+        self._bad_losses = torch.where(first > 0, losses.float(), self._bad_losses)
+        self._halted = torch.maximum(self._halted, bad)
+        return self._halted
+
+    def _raise_or_count(self) -> None:
+        """`skip`: count and warn; `stop`: raise NonFiniteLossError naming the first bad step."""
+        values = [float(v) for v in self._bad["losses"]]
         if self.cfg.trainer.on_nonfinite_loss == "skip":
             self.nonfinite_skipped += 1
-            log.warning("step %d: non-finite loss %s; update skipped (%d skipped so far)", self.step + 1, values,
+            log.warning("step %d: non-finite loss %s; update skipped (%d skipped so far)", self._bad["first"], values,
                         self.nonfinite_skipped)
-            return False
+            return
         found = self.ckpt.all()
         last = str(found[-1][1]) if found else "none yet"
         raise NonFiniteLossError(
-            f"step {self.step + 1}: the training loss is not finite ({values} on rank {self.rank}); stopped before "
-            f"the update. Last good checkpoint: {last}. Resume it with --resume latest (e.g. with a lower optim.lr "
-            "or mixed_precision=no), or set trainer.on_nonfinite_loss=skip to skip such steps.")
+            f"step {self._bad['first']}: the training loss is not finite ({values} on rank {self.rank}); stopped "
+            f"before the update. Last good checkpoint: {last}. Resume it with --resume latest (e.g. with a lower "
+            "optim.lr or mixed_precision=no), or set trainer.on_nonfinite_loss=skip to skip such steps.")
+
+    def _count_samples(self, n: int) -> None:
+        """Samples of this step over all processes, and the stop flag, which travels with them so that
+        every process sees any one's signal. One process: both are host numbers already. More: one
+        all-reduce, read back a step later (a copy that waits for that step only), so all processes
+        stop after the same step and nothing waits for the step in flight."""
+        if self.world == 1:
+            self.samples += n
+            self.stop_signum = self.stop.signum
+            return
+        dev = self.acc.device
+        local = torch.tensor([n, self.stop.signum], pin_memory=dev.type == "cuda").to(dev, non_blocking=True)
+        pending = HostCopy(self.acc.reduce(local, reduction="sum"))
+        self._take_counts()
+        self._pending_counts = pending
+
+    def _take_counts(self) -> None:
+        """Add the reduced sample count and stop flag of the step still pending, if any."""
+        if self._pending_counts is not None:
+            global_n, signum = self._pending_counts.get().tolist()
+            self._pending_counts = None
+            self.samples += int(global_n)
+            self.stop_signum = int(signum)
+
+    def settle(self, metrics: dict) -> dict:
+        """Wait for the device: host numbers for `metrics` (loss, grad norm, img/s since the last
+        settle), the sample count, and the non-finite record (a `stop` run raises here, before any
+        checkpoint of the step is written; `skip` counts and warns)."""
+        self._take_counts()
+        if self.device_skip:
+            if self.cfg.trainer.on_nonfinite_loss == "skip":
+                skipped = int(self._skipped_dev)
+                if skipped:
+                    self._skipped_dev.zero_()
+                    self.nonfinite_skipped += skipped
+                    log.warning("%d step(s) up to step %d had a non-finite loss; their updates were skipped (%d "
+                                "skipped so far)", skipped, self.step, self.nonfinite_skipped)
+            elif float(self._halted):
+                self._bad = {"first": int(self._bad_step), "losses": self._bad_losses}
+                self._raise_or_count()
+        now = time.perf_counter()
+        out = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+        out["img_per_s"] = (self.samples - self._settled[1]) / max(now - self._settled[0], 1e-9)
+        self._settled = (now, self.samples)
+        return out
 
     def _bare(self) -> torch.nn.Module:
         return self.acc.unwrap_model(self.model, keep_torch_compile=False)
@@ -387,6 +561,7 @@ class Trainer:
         return self.cfg.optim.lr * self.lr_factor(step)
 
     def save(self) -> None:
+        self._take_counts()
         ranks = gather_object([{"rank": self.rank, "cursor": list(self.cursor), "rng": rng_state()}])
         model = self._bare()  # every rank: under FSDP, gathering the full state is a collective
         weights, optimizer = fsdp.model_state(model), fsdp.optimizer_state(model, self.opt)
@@ -469,9 +644,11 @@ class Trainer:
         loader = make_loader(self.source, batch_size=t.micro_batch_size, seed=t.seed, rank=self.rank, world=self.world,
                              buffer=self.cfg.data.shuffle_buffer, num_workers=self.cfg.data.num_workers,
                              start=self.cursor, random_flip=self.cfg.data.random_flip)
+        pin_loader(loader, self.acc.device)
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step",
                    disable=not self.acc.is_local_main_process, dynamic_ncols=True)
         metrics: dict = {}
+        self._settled = (time.perf_counter(), self.samples)
         # Installed before the data workers fork: SLURM signals every process of the job, and a worker
         # that died of it would kill the step; the workers inherit the handler and stop with the loader.
         with self.stop:
@@ -480,34 +657,65 @@ class Trainer:
                 metrics = self.train_step(batches)
                 if self.stop_signum:
                     self._preempt(bar)
-                self._after_step(metrics, bar)
+                metrics = self._after_step(metrics, bar)
         bar.close()
         return self._finish(metrics)
 
     def _preempt(self, bar) -> None:
         """A signal reached some process: all save this step's checkpoint together, then stop."""
         bar.close()
+        self.settle({})  # a `stop` run with a non-finite step raises that instead
         self.save()  # a collective: every process reached this same step (the flag was all-reduced)
         self.acc.end_training()  # closes the trackers (main process)
         # The summed flag is a signal number only when one process got it; name what this one got.
         raise Preempted(self.step, self.stop.signum or signal.SIGTERM)
 
-    def _after_step(self, metrics: dict, bar) -> None:
+    def _after_step(self, metrics: dict, bar) -> dict:
+        """Log, checkpoint and validate when due; only those steps read from the device (`settle`)."""
         t, v = self.cfg.trainer, self.cfg.validation
         bar.update(1)
+        last = self.step == t.max_steps
+        log_now = self.step % t.log_every == 0 or last
+        save_now = self.step % self.cfg.checkpoint.every_steps == 0 or last
+        validate_now = v.every_steps >= 0 and ((v.every_steps and self.step % v.every_steps == 0) or last)
+        loss_now = self.val_loss is not None and self.val_loss.due(self.step, last)
+        if not (log_now or save_now or validate_now or loss_now):
+            return metrics
+        metrics = self.settle(metrics)
+        if loss_now:
+            metrics.update(self.validation_loss())
+            log_now = True  # logged beside the step's metrics, and so beside the image grid
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.0f}")
-        if self.step % t.log_every == 0 or self.step == t.max_steps:
+        if log_now:
             self.log(metrics)
-        if self.step % self.cfg.checkpoint.every_steps == 0 or self.step == t.max_steps:
+        if save_now:
             self.save()
-        if v.every_steps >= 0 and ((v.every_steps and self.step % v.every_steps == 0) or self.step == t.max_steps):
+        if validate_now:
             self.validate()
+        return metrics
+
+    def validation_loss(self) -> dict[str, float]:
+        """The held-out loss of the current weights (every process computes it: FSDP forwards are collective)."""
+        model = self._bare()
+        model.eval()
+
+        def model_fn(x, t, **cond):
+            return model(x, timestep=t, added_cond_kwargs=None, return_dict=False, **cond)[0]
+
+        with self.acc.autocast():
+            out = self.val_loss.compute(model_fn, self.acc.device)
+        model.train()
+        self.val_loss.history.append({"step": self.step, **out})
+        return out
 
     def _finish(self, metrics: dict) -> dict:
         summary = {"step": self.step, "samples": self.samples, "last": metrics,
                    "mix_counts": dataclasses.asdict(self.counts), "truncated": self.truncated,
                    "nonfinite_skipped": self.nonfinite_skipped, "validation_failures": self.validation_failures,
-                   "processes": self.world, "run_dir": str(self.run_dir)}
+                   "processes": self.world, "run_dir": str(self.run_dir),
+                   "speed": {"compile": self.compiled, "fast_blocks": self.fast, "device_skip": self.device_skip}}
+        if self.val_loss is not None:
+            summary["validation_loss"] = self.val_loss.history
         if self.acc.is_main_process:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         self.acc.wait_for_everyone()

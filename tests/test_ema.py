@@ -66,3 +66,44 @@ def test_bad_warmup_values_name_the_key():
         EMAConfig(inv_gamma=0.0)
     with pytest.raises(ValueError, match="ema.decay"):
         EMAConfig(decay=1.0)
+
+
+def _loop_update(shadow: dict, model: torch.nn.Module, decay: float) -> None:
+    """The per-parameter update EMA.update replaced (one lerp_ per tensor)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in shadow:
+                shadow[name].lerp_(p.detach().float(), 1.0 - decay)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_foreach_update_equals_the_per_tensor_loop(dtype):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3)).to(dtype)
+    model[1].weight.requires_grad_(False)  # frozen: not in the shadow
+    ema = EMA(model, EMAConfig(decay=0.999))
+    reference = {k: v.clone() for k, v in ema.shadow.items()}
+    assert "1.weight" not in reference
+    for step in range(1, 6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model, step)
+        _loop_update(reference, model, ema.cfg.decay_at(step))
+    assert all(torch.equal(ema.shadow[k], reference[k]) for k in reference)
+
+
+def test_a_skip_flag_keeps_the_shadow_and_a_zero_flag_updates_it():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    ema = EMA(model, EMAConfig(decay=0.9))
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    before = {k: v.clone() for k, v in ema.shadow.items()}
+    ema.update(model, 5, skip=torch.ones(()))
+    assert all(torch.equal(ema.shadow[k], before[k]) for k in before)
+    reference = {k: v.clone() for k, v in before.items()}
+    ema.update(model, 5, skip=torch.zeros(()))
+    _loop_update(reference, model, ema.cfg.decay_at(5))
+    assert all(torch.allclose(ema.shadow[k], reference[k], rtol=0, atol=1e-7) for k in reference)
+    assert not torch.equal(ema.shadow["weight"], before["weight"])
