@@ -24,7 +24,7 @@ from pathlib import Path
 
 from t2i_recap.cli_config import add_config_arguments, config_from_args
 from t2i_recap.io import atomic_write_text, expand_shards
-from t2i_recap.markdown import md_table
+from t2i_recap.markdown import md_table, md_text
 from t2i_recap.logging_utils import get_logger, setup_logging
 from t2i_recap.shapes.parser import parse_caption
 from t2i_recap.shapes.world import Obj, Scene
@@ -166,8 +166,8 @@ def render_markdown(summary: dict, samples: list[SampleFidelity], meta: dict) ->
     wrong = [s for s in samples if not s.exact][:10]
     if wrong:
         lines += ["## First non-exact captions", ""]
-        lines += [f"- `{_md(s.key)}` ({s.num_objects} objects): {_md(s.caption)} "
-                  f"- {_md('; '.join(s.problems) or _error_text(s.errors))}" for s in wrong]
+        lines += [f"- `{_md(s.key)}` ({s.num_objects} objects): {md_text(s.caption)} "
+                  f"- {md_text('; '.join(s.problems) or _error_text(s.errors))}" for s in wrong]
     return "\n".join(lines) + "\n"
 
 
@@ -180,7 +180,7 @@ def _pct(x: float | None) -> str:
 
 
 def _md(text: str) -> str:
-    """Captions are model output: escape HTML and table pipes before they go into Markdown."""
+    """Inside a code span (keys, paths): HTML and pipes escaped, no backtick to end the span."""
     return html.escape(str(text)).replace("|", "\\|").replace("`", "'").replace("\n", " ")
 
 

@@ -13,9 +13,8 @@ import datetime as _dt
 import platform
 from pathlib import Path
 
-from t2i_recap.markdown import md_table
+from t2i_recap.markdown import clean_text, md_table, md_text  # noqa: F401  (clean_text: re-exported)
 
-from .escape import clean_text, md_text  # noqa: F401  (clean_text: re-exported)
 from .stats import category_mean_ci, mean_ci
 
 SCHEMA_VERSION = 1

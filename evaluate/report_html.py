@@ -16,7 +16,8 @@ from jinja2 import DictLoader, Environment, StrictUndefined
 from markupsafe import Markup, escape
 from PIL import Image
 
-from .escape import clean_text
+from t2i_recap.markdown import clean_text
+
 from .metric_oracle import describe_constraint, describe_scene
 from .report import LABELS, LOWER_IS_BETTER, WORST_COLUMNS, fmt_metric, metric_columns, worst_key, worst_prompts
 
