@@ -293,3 +293,19 @@ def test_sigkill_of_the_driver_and_its_workers_then_rerun_gives_one_row_per_key(
     for name, mtime in done_before.items():
         assert (out / name).stat().st_mtime_ns == mtime  # finished shards were not redone
 
+
+
+@pytest.mark.slow
+def test_engine_benchmark_prints_one_table_with_equal_captions(tmp_path):
+    """benchmarks/caption_engines.py at its smallest: both engines from a cold start, one table."""
+    pytest.importorskip("ray", reason="the ray extra is not installed: pip install 't2i-recap[ray]'")
+    out_json = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "caption_engines.py"), "--out", str(tmp_path / "b"),
+                           "--device", "cpu", "--shards", "2", "--shard-size", "2", "--max-new-tokens", "4",
+                           "--json", str(out_json)], env={**_env(), "CUDA_VISIBLE_DEVICES": ""}, capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| engine | workers |") and [r.split("|")[1].strip() for r in table[1:]] == ["accelerate", "ray"]
+    rows = [json.loads(line) for line in out_json.read_text().splitlines()]
+    assert [r["images"] for r in rows] == [4, 4] and all(r["same captions"] and r["images/s"] > 0 for r in rows)
