@@ -80,6 +80,61 @@ def stage_trainer_decode(shards_dir: Path, resolution: int):
     return run
 
 
+def stage_image_decode(paths: list[Path], resolution: int, draft: bool):
+    """t2i_recap.data.load_image's decode + resize + centre crop, with or without the JPEG draft decode
+    (images.decode_image(min_side=resolution)): the same work, side by side."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from t2i_recap.images import decode_image
+    from t2i_recap.shards import iter_tar_samples
+
+    def run():
+        for p in paths:
+            for raw in iter_tar_samples(p):
+                img = decode_image(raw.files["jpg"], min_side=resolution if draft else None).image
+                img = ImageOps.fit(img, (resolution, resolution), Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+                yield torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    return run
+
+
+class GetSliceCache:
+    """The feature-cache row read before memory mapping: one safetensors get_slice per tensor per row
+    (kept here to measure against; t2i_recap.cache.CacheSource.decode maps the files instead)."""
+
+    def __init__(self, source) -> None:
+        self.source, self.shards, self._handles = source, source.shards, {}
+
+    def records(self, index: int):
+        return self.source.records(index)
+
+    def decode(self, rec) -> dict:
+        from safetensors import safe_open
+
+        index, row = rec.payload
+        if index not in self._handles:
+            self._handles[index] = safe_open(str(self.source.files[index]), "pt")
+        h = self._handles[index]
+        out = {name: h.get_slice(name)[row:row + 1][0] for name in h.keys()}
+        for name in (k[len("has_"):] for k in h.keys() if k.startswith("has_")):
+            out[f"has_{name}"] = out[f"has_{name}"].bool()
+            out[f"{name}_truncated"] = out[f"{name}_truncated"].bool()
+        if "flagged_recaption" in out:
+            out["flagged_recaption"] = out["flagged_recaption"].bool()
+        out["key"] = rec.key
+        return out
+
+
+def same_rows(a, b, rows: int = 8) -> None:
+    """The two readers return the same tensors (else the comparison would be meaningless)."""
+    for rec in list(a.records(0))[:rows]:
+        x, y = a.decode(rec), b.decode(rec)
+        assert x.keys() == y.keys(), (sorted(x), sorted(y))
+        for k, v in x.items():
+            if isinstance(v, torch.Tensor):
+                assert v.dtype == y[k].dtype and torch.equal(v, y[k]), k
+
+
 def stage_caption_decode(paths: list[Path], size: int):
     from transformers import CLIPImageProcessor
 
@@ -164,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         stages = [("tar read (iter_tar_samples)", None, tar_mb, stage_tar(paths)),
                   (f"trainer decode + resize to {args.resolution} px", "train", tar_mb,
                    stage_trainer_decode(shards_dir, args.resolution)),
+                  (f"decode_image + fit {args.resolution} px: full decode (before)", "train", tar_mb,
+                   stage_image_decode(paths, args.resolution, draft=False)),
+                  (f"decode_image + fit {args.resolution} px: JPEG draft (min_side)", "train", tar_mb,
+                   stage_image_decode(paths, args.resolution, draft=True)),
                   (f"captioner decode + CLIP {args.caption_size} px preprocess", "caption", tar_mb,
                    stage_caption_decode(paths, args.caption_size))]
         for text in args.texts:
@@ -171,8 +230,12 @@ def main(argv: list[str] | None = None) -> int:
             cache_dir = work / f"cache-{text}-{args.samples}-{args.image_size}"
             source = synthetic.build_cache(shards_dir, text_dir, vae_dir, cache_dir, resolution=args.resolution)
             _, width, tokens = synthetic.TEXT_ENCODERS[text]
-            stages.append((f"feature-cache read, {text} {tokens}x{width} fp16", "train", row_bytes(source) / 1e6,
-                           stage_cache(source, args.batch)))
+            old = GetSliceCache(source)
+            same_rows(source, old)
+            stages.append((f"feature-cache read, {text} {tokens}x{width} fp16: get_slice (before)", "train",
+                           row_bytes(source) / 1e6, stage_cache(old, args.batch)))
+            stages.append((f"feature-cache read, {text} {tokens}x{width} fp16: memory-mapped", "train",
+                           row_bytes(source) / 1e6, stage_cache(source, args.batch)))
         for name, kind, mb, fn in stages:
             items, sec = timed(fn, args.min_seconds, args.max_passes)
             rows.extend(consumer_rows(name, kind, items / sec, mb))

@@ -24,6 +24,8 @@
 #              the GPU, caption fidelity of each; sweep.md + best_captioner.tar       (~6 min)
 #   all        every part above, in that order
 # Minutes are estimates, not measurements.
+# BENCH_DEVICE=cpu runs the parts on the CPU instead (no GPU needed; `smoke` is the end-to-end check
+# of the suite itself, at tiny sizes: BENCH_DEVICE=cpu bash benchmarks/gpu_suite.sh --out DIR env smoke).
 # Output in --out DIR (default ./bench-out): tables.md (every table with its command and
 # environment), results.jsonl (one JSON line per row), run.log (all output), env.txt.
 # --time-limit S (default 570) bounds the whole run: each part's timeout is cut to what is left, and
@@ -128,7 +130,8 @@ part_env() {
   cat "$OUTDIR/env.txt"
 }
 
-common_args() { echo --device cuda --markdown "$OUTDIR/tables.md" --json "$OUTDIR/results.jsonl"; }
+DEVICE="${BENCH_DEVICE:-cuda}"
+common_args() { echo --device "$DEVICE" --markdown "$OUTDIR/tables.md" --json "$OUTDIR/results.jsonl"; }
 
 part() {
   local t="benchmarks/train_step.py"
@@ -174,7 +177,7 @@ main() {
       --dry-run) DRY=1 ;;
       --out) OUTDIR="$(mkdir -p "$1" && cd "$1" && pwd)"; shift ;;
       --time-limit) LIMIT="$1"; shift ;;
-      -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+      -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
       all) parts+=(env smoke train-b4 train-b2 train-xl2 train-pad e2e caption data) ;;
       *) parts+=("$a") ;;
     esac
@@ -188,7 +191,7 @@ main() {
     esac
   done
   # BENCH_ALLOW_NO_GPU=1 lets `env` (and the install) be tried on a machine without a GPU.
-  if [ "$DRY" = 0 ] && [ "${BENCH_ALLOW_NO_GPU:-0}" != 1 ] && ! command -v nvidia-smi >/dev/null 2>&1; then
+  if [ "$DRY" = 0 ] && [ "${BENCH_ALLOW_NO_GPU:-0}" != 1 ] && [ "$DEVICE" != cpu ] && ! command -v nvidia-smi >/dev/null 2>&1; then
     echo "no nvidia-smi here: run this on the GPU machine, or pass --dry-run" >&2
     exit 1
   fi

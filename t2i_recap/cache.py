@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Iterator, Literal
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL
 from safetensors import safe_open
@@ -326,17 +327,49 @@ class CacheSource:
 
     def decode(self, rec: Record) -> dict:
         index, row = rec.payload
-        if index not in self._handles:  # opened lazily, per process (DataLoader workers)
-            self._handles[index] = safe_open(str(self.files[index]), "pt")
-        h = self._handles[index]
-        out = {name: h.get_slice(name)[row:row + 1][0] for name in h.keys()}
-        for name in (k[len("has_"):] for k in h.keys() if k.startswith("has_")):
+        if index not in self._handles:  # mapped lazily, per process (DataLoader workers)
+            self._handles[index] = mmap_tensors(self.files[index])
+        out = {name: row_of(arr, dtype, row) for name, (arr, dtype) in self._handles[index].items()}
+        for name in [k[len("has_"):] for k in out if k.startswith("has_")]:
             out[f"has_{name}"] = out[f"has_{name}"].bool()
             out[f"{name}_truncated"] = out[f"{name}_truncated"].bool()
         if "flagged_recaption" in out:
             out["flagged_recaption"] = out["flagged_recaption"].bool()
         out["key"] = rec.key
         return out
+
+
+_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
+          "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def mmap_tensors(path: Path) -> dict[str, tuple[np.ndarray, str]]:
+    """Every tensor of a safetensors file as a memory map, by name -> (array, dtype name).
+
+    The format (huggingface/safetensors README): an 8-byte little-endian header size, a JSON header
+    of {name: {dtype, shape, data_offsets}}, then the raw little-endian data. A row read is then a
+    numpy view per tensor, no library call and no copy (get_slice copies each row; the batch's
+    collate copies it again). Copy-on-write ("c"): a caller writing into a row changes its own
+    private page, never the file, and cannot fault on a read-only page."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    data = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + size)
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _NUMPY:
+            raise ValueError(f"cache file {path}: tensor {name} has dtype {info['dtype']}, which the reader does not map")
+        begin, end = info["data_offsets"]
+        out[name] = (data[begin:end].view(_NUMPY[info["dtype"]]).reshape(info["shape"]), info["dtype"])
+    return out
+
+
+def row_of(arr: np.ndarray, dtype: str, row: int) -> torch.Tensor:
+    """Row `row` of a mapped tensor, as a view of the map (`[row, ...]` keeps a 0-d row an array)."""
+    t = torch.from_numpy(arr[row, ...])
+    return t.view(torch.bfloat16) if dtype == "BF16" else t
 
 
 def load_empty(cache_dir: str | Path) -> dict[str, torch.Tensor]:

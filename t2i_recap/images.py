@@ -42,8 +42,13 @@ class Decoded:
     notes: list[str]  # safe conversions applied, e.g. "CMYK converted to RGB"
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
-    """Decode `data` to an 8-bit RGB image with EXIF orientation applied."""
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> Decoded:
+    """Decode `data` to an 8-bit RGB image with EXIF orientation applied.
+
+    `min_side`: the caller resizes the result so that its short side is `min_side` (or less); a JPEG
+    is then decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale whose short side is still at least
+    that (libjpeg's DCT scaling through PIL's `Image.draft`), which skips most of the decode work for
+    a large photo trained at 256 px. The result differs from a full decode by resampling rounding."""
     if not data:
         raise BadImage("zero-byte image file")
     try:
@@ -55,7 +60,19 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     except Exception as exc:  # noqa: BLE001 - PIL raises many types on hostile headers
         raise BadImage(f"corrupt or truncated image header: {type(exc).__name__}: {exc}") from None
     # The header gives the size before any pixel is decoded: refuse bombs before they allocate.
+    if min_side is not None and img.format == "JPEG" and img.width * img.height <= max_pixels:
+        img.draft(None, draft_size(img.size, min_side))
     return decode_pil(img, max_pixels)
+
+
+def draft_size(size: tuple[int, int], min_side: int) -> tuple[int, int]:
+    """The (w, h) to ask `Image.draft` for: the image's aspect with the short side `min_side` (rounded up),
+    so every scale it may pick keeps the short side >= min_side."""
+    w, h = size
+    short = min(w, h)
+    if short <= min_side:
+        return w, h
+    return -(-w * min_side // short), -(-h * min_side // short)
 
 
 def decode_pil(img: Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:

@@ -116,6 +116,31 @@ def test_data_cpu_tiny(tmp_path):
     cache = next(r for r in rows if "feature-cache" in r["stage"])
     # One cached row: 2 captions x 77 x 64 fp16 embeddings + masks + 4x8x8 fp16 mean and logvar, at least.
     assert cache["MB/sample"] >= (2 * 77 * 64 * 2 + 2 * 4 * 8 * 8 * 2) / 1e6
+    # Old and new readers and decodes side by side in the same run (the script checks the readers agree).
+    for part in ("get_slice (before)", "memory-mapped", "full decode (before)", "JPEG draft (min_side)"):
+        assert any(part in s for s in stages), part
+
+
+def test_jpeg_draft_decode_keeps_the_short_side_and_skips_work():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from t2i_recap.images import decode_image, draft_size
+
+    arr = (np.random.default_rng(0).random((600, 800, 3)) * 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    assert decode_image(data).image.size == (800, 600)
+    assert decode_image(data, min_side=256).image.size == (400, 300)  # 1/2 scale: short side 300 >= 256
+    assert decode_image(data, min_side=70).image.size == (100, 75)  # 1/8, the smallest libjpeg scale
+    assert decode_image(data, min_side=700).image.size == (800, 600)  # larger than the image: full size
+    assert draft_size((800, 600), 256) == (342, 256)
+    png = io.BytesIO()
+    Image.fromarray(arr).save(png, "PNG")
+    assert decode_image(png.getvalue(), min_side=70).image.size == (800, 600)  # only JPEG has a draft mode
 
 
 def test_trainer_e2e_tiny(tmp_path):
@@ -123,9 +148,14 @@ def test_trainer_e2e_tiny(tmp_path):
                                               "--loaders", "mem", "0",
                                               "--work", str(tmp_path / "work")], tmp_path)
     header, body = table(stdout)
-    for col in ("model", "loader", "img/s", "step ms", "data wait ms", "wait %"):
+    for col in ("step", "model", "loader", "img/s", "step ms", "data wait ms", "wait %", "real tokens", "TFLOP/s",
+                "MFU %"):
         assert col in header
     assert [r["loader"] for r in rows] == ["in memory", "0 workers"]
+    assert all(r["step"] == "trainer" for r in rows)
+    # Real tokens: the synthetic recaptions fill most of CLIP's 77 positions, never all (padding), never none.
+    assert all(2 <= r["real tokens"] < 77 for r in rows)
+    positive(rows, "TFLOP/s")
     positive(rows, "img/s")
     assert all(0 <= r["wait %"] <= 100 for r in rows)
     # Repeating one in-memory batch costs next() nothing measurable next to decoding rows from the cache.
