@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from t2i_recap.logging_utils import get_logger
+from t2i_recap.sidecar_join import RecaptionCoverageError
 
 log = get_logger(__name__)
 JOIN_COLUMNS = ("sha256", "url")
@@ -33,8 +34,9 @@ _EPS = 1e-9
 _INDEXES: dict[tuple, "ReleasedIndex"] = {}
 
 
-class ReleasedCoverageError(RuntimeError):
-    """Too few samples of a shard matched a row of the released captions."""
+class ReleasedCoverageError(RecaptionCoverageError):
+    """Too few samples of a shard matched a row of the released captions (reported as a recaption
+    coverage error by train and prepare: one line, exit status 2)."""
 
 
 def expand(pattern: str) -> list[Path]:

@@ -165,3 +165,16 @@ def test_caption_stats_reads_the_release_joined_to_the_download(download, tmp_pa
     assert json.loads((tmp_path / "by_sha" / "stats.json").read_text())["released"]["matched"] == 5
     with pytest.raises(ReleasedCoverageError, match="only 5 of 6 samples"):
         stats.main(["--released", str(release), "--images", str(shards), "--out", str(tmp_path / "strict")])
+
+
+def test_prepare_below_coverage_is_one_error_line(download, train_assets, tmp_path, capsys):
+    from fixtures_train import train_config_dict, write_config
+    from t2i_recap import prepare
+
+    shards, release, _, _ = download
+    raw = train_config_dict(train_assets, shards, tmp_path / "run", features={"cache_dir": str(tmp_path / "cache")})
+    raw["data"] = {**raw["data"], "released_captions": str(release), "original_caption": "released:org_caption",
+                   "recaption": "released:re_caption", "min_recaption_coverage": 0.9}
+    assert prepare.main(["--config", str(write_config(tmp_path / "cfg.yaml", raw))]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "released captions" in line]
+    assert len(err) == 1 and "only 5 of 6 samples" in err[0]  # one line, no traceback
