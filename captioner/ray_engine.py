@@ -96,11 +96,13 @@ class Driver:
     `worker_cls(*worker_args, index, world, device)` builds a worker in its Ray process; it has
     `describe() -> dict` (with a unique `claim_token`), `caption(name) -> ShardReply` and
     `stop(reason)`, which a second thread calls while `caption` runs (the actor has 2 threads).
+    `stop` is the driver's `run.StopSignals`: once its `event` is set no shard is handed out and
+    every busy worker is asked to stop.
     """
 
     def __init__(self, ray, settings: RaySettings, worker_cls: type, worker_args: tuple, todo: list[str],
-                 summary: dict, record: Callable[[Any], None], stop_event) -> None:
-        self.ray, self.settings, self.summary, self.record, self.stop_event = ray, settings, summary, record, stop_event
+                 summary: dict, record: Callable[[Any], None], stop) -> None:
+        self.ray, self.settings, self.summary, self.record, self.stop = ray, settings, summary, record, stop
         self.worker_args = worker_args
         self.total = len(todo)
         self.pending = collections.deque(todo)
@@ -149,12 +151,12 @@ class Driver:
     def _loop(self) -> None:
         stopping = False
         while self._work_left():
-            if self.stop_event.is_set() and not stopping:
+            if self.stop.event.is_set() and not stopping:
                 stopping = True
                 self.pending.clear()
                 self.later.clear()
                 for slot, _ in self.inflight.values():
-                    self.actors[slot].stop.remote("a stop signal to the driver")
+                    self.actors[slot].stop.remote(f"{self.stop.signal_name or 'a stop signal'} to the driver")
             now = time.monotonic()
             self.pending.extend(name for due, name in self.later if due <= now)
             self.later = [(due, name) for due, name in self.later if due > now]
@@ -163,7 +165,7 @@ class Driver:
                 self.inflight[self.actors[slot].caption.remote(name)] = (slot, name)
             if not self.inflight and not self.starting:
                 if self.later:
-                    self.stop_event.wait(max(0.0, min(due for due, _ in self.later) - now))
+                    self.stop.event.wait(max(0.0, min(due for due, _ in self.later) - now))
                 continue
             ready, _ = self.ray.wait([*self.inflight, *self.starting], num_returns=1, timeout=0.5)
             for ref in ready:

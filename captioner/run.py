@@ -586,7 +586,7 @@ def _caption_run_ray(cfg: CaptionRunConfig) -> dict:
         try:
             with StopSignals() as stop:  # after ray.init, which installs its own SIGTERM handler
                 Driver(ray, settings, ShardWorker, (cfg,), [s.name for s in plan.todo], summary,
-                       lambda outcome: record_outcome(summary, outcome), stop.event).run()
+                       lambda outcome: record_outcome(summary, outcome), stop).run()
                 summary["interrupted"] = stop.signal_name
         finally:
             if connected_here:

@@ -250,6 +250,37 @@ def test_sigkill_of_a_worker_mid_shard_retries_its_shard_elsewhere_and_bounds_th
     _exactly_once(out, captioner_shards, {p.stem for p in captioner_shards.glob("*.tar")} - {twice})
 
 
+@pytest.mark.slow
+def test_sigterm_to_the_driver_stops_every_worker_at_a_batch_boundary(ray_cluster, captioner_shards,
+                                                                      tiny_llava_dir, tmp_path):
+    """SIGTERM once a shard is finished and another is in hand: the run ends interrupted, the shard in
+    hand leaves nothing visible, and a rerun does the rest."""
+    from t2i_recap.captioner.run import caption_run
+
+    out = tmp_path / "out"
+
+    def term(shard: str, pid: int) -> None:
+        if list(out.glob("*.parquet")) and not stop.is_set():
+            stop.set()
+            os.kill(os.getpid(), signal.SIGTERM)  # the driver is this process; its handler sets the stop flag
+
+    stop = threading.Event()
+    watcher = _watch(out, term, stop)
+    cfg = _cfg(captioner_shards, out, tiny_llava_dir, engine="ray", workers=2)
+    try:
+        summary = caption_run(cfg)
+    finally:
+        stop.set()
+        watcher.join()
+    assert summary["interrupted"] == "SIGTERM" and not summary["shards_failed"]
+    done = {p.stem for p in out.glob("*.parquet")}
+    assert summary["shards_done"] == len(done) < CAPTIONER_SHARDS
+    _exactly_once(out, captioner_shards, done)  # no temp file, no claim left by the stopped shard
+    rerun = caption_run(cfg)
+    assert rerun["shards_skipped_done"] == len(done) and rerun["shards_done"] == CAPTIONER_SHARDS - len(done)
+    _exactly_once(out, captioner_shards)
+
+
 def _env() -> dict:
     """This process's environment as it is now: ray.init put the cluster's auth mode (RAY_AUTH_MODE) in it."""
     return {**os.environ, **RAY_ENV, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
