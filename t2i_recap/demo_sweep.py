@@ -26,8 +26,9 @@ import numpy as np
 from t2i_recap.config import from_dict, load_yaml, save_config
 from t2i_recap.io import atomic_write_text
 from t2i_recap.logging_utils import get_logger
+from t2i_recap.markdown import md_table
 from t2i_recap.stages import Stage
-from t2i_recap.sweep import fmt_ci, md_table, p_name, plot_against_p, run_command
+from t2i_recap.sweep import fmt_ci, p_name, plot_against_p, run_command
 
 log = get_logger(__name__)
 N_BOOT = 1000

@@ -45,11 +45,6 @@ def fmt_ci(entry: dict | None) -> str:
     return f"{entry['mean']:.3f} [{low:.3f}, {high:.3f}]"
 
 
-def md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    return (["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-            + ["| " + " | ".join(r) + " |" for r in rows])
-
-
 def best_p(points: list[tuple[float, dict]]) -> float | None:
     """The p with the highest mean (the lowest p among ties), or None without values."""
     scored = [(e["mean"], -p, p) for p, e in points if e and e.get("mean") is not None]

@@ -29,8 +29,9 @@ from t2i_recap.cli_config import add_config_arguments, add_options, config_from_
 from t2i_recap.config import ConfigError, from_dict, load_config, load_yaml, parse_override, save_config, to_dict
 from t2i_recap.io import atomic_write_text
 from t2i_recap.logging_utils import get_logger, setup_logging
+from t2i_recap.markdown import md_table, md_text
 from t2i_recap.stages import Stage, StageRunner
-from t2i_recap.sweep import best_p, fmt_ci, md_table, p_name, plot_against_p, run_command
+from t2i_recap.sweep import best_p, fmt_ci, p_name, plot_against_p, run_command
 
 log = get_logger(__name__)
 
@@ -267,17 +268,17 @@ def build_result(reports: dict[float, dict], data: dict, config: dict, stage_sec
 
 def _source_line(data: dict) -> str:
     if data["source"] == "captioner":
-        return (f"Recaptions: written by the trained captioner {data['captioner']} (sidecars {data['recaption_dir']}); "
-                f"originals: the web alt-texts of {data['shards']}.")
+        return (f"Recaptions: written by the trained captioner {md_text(data['captioner'])} (sidecars "
+                f"{md_text(data['recaption_dir'])}); originals: the web alt-texts of {md_text(data['shards'])}.")
     return ("Recaptions: the shapes world's gold dense captions (a perfect captioner; no trained captioner was "
-            f"given); originals: its noisy alt-texts ({data['shards']}).")
+            f"given); originals: its noisy alt-texts ({md_text(data['shards'])}).")
 
 
 def render_markdown(result: dict) -> str:
     c = result["config"]
     lines = ["# CLIP caption-mixing sweep (the paper's Table 3 at toy scale)", "",
              _source_line(result["recaptions"]), "",
-             f"One CLIP per p ({c['recipe']}, {c['steps']} steps of {c['batch_size']} pairs, seed {c['seed']}); "
+             f"One CLIP per p ({md_text(c['recipe'])}, {c['steps']} steps of {c['batch_size']} pairs, seed {c['seed']}); "
              f"p = share of ORIGINAL captions. Mean [95% bootstrap CI over items]; retrieval over "
              f"{c['retrieval_n']} pairs (chance R@1 {result['rows'][0]['chance_r1']:.3f}).", "",
              "## Retrieval (image-to-text, text-to-image; long: 3-4-object scenes)", ""]
