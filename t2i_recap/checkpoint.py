@@ -156,7 +156,8 @@ class Checkpointer:
 # resumption (model, objective, optimizer, batch sizes, data, features, mixing, seed, ...): a safe
 # default, so a new config field is refused until it is known to be harmless.
 HARMLESS_CHANGES = ("trainer.max_steps", "trainer.log_every", "trainer.run_dir", "trainer.on_nonfinite_loss",
-                    "trainer.allow_tf32", "trainer.log_with", "validation", "checkpoint", "data.num_workers")
+                    "trainer.allow_tf32", "trainer.log_with", "validation", "checkpoint", "data.num_workers",
+                    "model.compile", "model.fast_blocks")  # kernels, not the computation: float rounding only
 
 
 HOLDOUT_KEY = "validation.holdout_shards"

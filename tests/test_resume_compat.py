@@ -113,3 +113,12 @@ def test_tracker_choice_is_a_harmless_change():
     saved = {"trainer": {"log_with": ["tensorboard"], "lr": 1e-4}}
     changes = check_resume_config(saved, {"trainer": {"log_with": ["wandb"], "lr": 1e-4}})
     assert changes == {"trainer.log_with": (["tensorboard"], ["wandb"])}
+
+
+def test_speed_switches_are_harmless_changes():
+    """compile and the fused blocks change kernels, not the computation (fast_dit matches diffusers)."""
+    from t2i_recap.checkpoint import check_resume_config
+
+    saved = {"model": {"name": "DiT-B/4", "compile": False, "fast_blocks": False}}
+    new = {"model": {"name": "DiT-B/4", "compile": "auto", "fast_blocks": True}}
+    assert set(check_resume_config(saved, new)) == {"model.compile", "model.fast_blocks"}
