@@ -26,7 +26,7 @@ from accelerate.utils import DistributedType, gather_object
 from tqdm.auto import tqdm
 
 from t2i_recap import cache as feature_cache
-from t2i_recap import fsdp, tracking
+from t2i_recap import fsdp, storage, tracking
 from t2i_recap.checkpoint import Checkpointer, ResumeConfigError, check_resume_config, rng_state, set_rng_state
 from t2i_recap.config import save_config, to_dict
 from t2i_recap.data import build_source, make_loader
@@ -109,6 +109,9 @@ class TrainerConfig:
             raise ValueError(f"on_nonfinite_loss must be 'stop' or 'skip', got {self.on_nonfinite_loss!r}")
         if self.max_steps < 1 or self.batch_size < 1 or self.micro_batch_size < 1 or self.log_every < 1:
             raise ValueError("max_steps, batch_size, micro_batch_size and log_every must be >= 1")
+        if storage.is_url(self.run_dir):  # else it would become a local folder named "s3:/..."
+            raise ValueError(f"trainer.run_dir={self.run_dir!r}: checkpoints are written to a local or shared POSIX "
+                             "folder (atomic renames); shards and sidecars may be URLs, the run folder may not")
         tracking.check_trackers(self.log_with)
 
     def accumulation(self, world: int) -> int:

@@ -420,3 +420,11 @@ def test_store_metadata_is_read_as_identity(monkeypatch):
     url = "hf://datasets/org/name/data/00000.tar"
     assert storage.info(url) == {"size": 3, "mtime_ns": None, "etag": "b10b", "sha256": "ab" * 32}
     assert file_digest(url) == "ab" * 32  # taken from the store, never read
+
+
+def test_a_run_folder_url_is_refused():
+    from t2i_recap.config import ConfigError, from_dict
+    from t2i_recap.trainer import TrainerConfig
+
+    with pytest.raises(ConfigError, match="run_dir='s3://bucket/run'"):
+        from_dict(TrainerConfig, {"run_dir": "s3://bucket/run"})
