@@ -38,7 +38,8 @@ from typing import Callable, Iterator, Literal
 from tqdm import tqdm
 
 from t2i_recap.claims import ClaimConfig, ClaimLost, Claims
-from t2i_recap.config import ConfigError, load_config, save_config
+from t2i_recap import cli_config
+from t2i_recap.config import ConfigError, save_config
 from t2i_recap.identity import describe, model_digest, stamp
 from t2i_recap.extras import MissingExtraError, require
 from t2i_recap.io import DiskFullError
@@ -710,43 +711,25 @@ def _was_empty(path: Path) -> bool:
     return counts.get("ok", 0) == 0 and counts.get("failed", 0) == 0
 
 
+FLAGS = {  # public flag -> CaptionRunConfig field; every other field through --config / --set
+    "--input": "input", "--input-format": "reader.format", "--out": "out", "--model": "model", "--prompt": "prompt",
+    "--template": "template", "--batch-size": "batch_size", "--max-new-tokens": "max_new_tokens", "--dtype": "dtype",
+    "--device": "device", "--trust-remote-code": "trust_remote_code", "--allow-empty-shards": "allow_empty_shards",
+    "--engine": "engine", "--workers": "workers", "--ray-address": "ray_address",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="t2i-recap caption run", description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="YAML file with CaptionRunConfig fields (flags override it)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config field, e.g. reader.caption_column=alt")
-    p.add_argument("--input", help="shards: folder, glob or brace pattern; image folder; HF dataset name or path")
-    p.add_argument("--input-format", choices=["auto", "webdataset", "parquet", "imagefolder", "hf"])
-    p.add_argument("--out", help="folder for the sidecar parquet files")
-    p.add_argument("--model", help="captioner folder or hub id")
-    p.add_argument("--prompt", choices=["recap", "conditioned", "custom"])
-    p.add_argument("--template", help="custom prompt; {org_caption} is filled in")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"])
-    p.add_argument("--device")
-    p.add_argument("--trust-remote-code", action="store_true", default=None)
-    p.add_argument("--allow-empty-shards", action="store_true", default=None,
-                   help="exit 0 even when every sample of some shard was skipped")
-    p.add_argument("--engine", choices=["accelerate", "ray"],
-                   help="accelerate (default): this process or launcher rank; ray: Ray workers take shards as they free up")
-    p.add_argument("--workers", type=int, help="engine ray: model replicas (default: one per GPU, else 1)")
-    p.add_argument("--ray-address", help="engine ray: cluster to join (auto, HOST:6379); default: a local Ray instance")
+    cli_config.add_config_arguments(p, CaptionRunConfig, FLAGS)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> CaptionRunConfig:
-    flags = {"input": args.input, "out": args.out, "model": args.model, "prompt": args.prompt,
-             "template": args.template, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-             "dtype": args.dtype, "device": args.device, "trust_remote_code": args.trust_remote_code,
-             "allow_empty_shards": args.allow_empty_shards, "engine": args.engine, "workers": args.workers,
-             "ray_address": args.ray_address}
-    overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    if args.input_format:
-        overrides.append(f"reader.format={args.input_format}")
-    if args.template is not None and args.prompt is None:
-        overrides.append("prompt=custom")
-    return load_config(CaptionRunConfig, args.config, overrides + list(args.set))
+    """Defaults < --config < --set < flags; `--template` alone means `prompt: custom` (under --set)."""
+    if cli_config.given(args, "--template") is not None and cli_config.given(args, "--prompt") is None:
+        args.set = ["prompt=custom", *args.set]
+    return cli_config.config_from_args(CaptionRunConfig, args)
 
 
 def main(argv: list[str] | None = None) -> int:

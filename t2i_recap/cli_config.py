@@ -203,6 +203,16 @@ def _explicit(args: argparse.Namespace, table: list[_Flag]) -> dict[str, Any]:
     return {k: v for k, v in given.items() if v is not None and v != []}
 
 
+def given(args: argparse.Namespace, flag: str) -> Any:
+    """The value of `flag` if the command line gave it, else None."""
+    declared, table = getattr(args, _CONFIG_KEY, (None, []))
+    tables = [table, *(getattr(args, _OPTIONS_KEY, None) or {}).values()]
+    found = [f for t in tables for f in t if f.flag == flag]
+    if not found:
+        raise KeyError(f"{flag} was not declared on this parser")
+    return _explicit(args, found).get(found[0].dotted)
+
+
 def _lookup(data: dict, dotted: str) -> Any:
     node: Any = data
     for part in dotted.split("."):

@@ -249,3 +249,15 @@ def test_a_partial_section_keeps_the_defaults_its_factory_sets(tmp_path):
     cfg = load_config(ClipTrainConfig, path)  # the section defaults: cfg_dropout 0, weight decay 0.2
     assert cfg.mixing.p == 0.3 and cfg.mixing.cfg_dropout == 0.0
     assert cfg.optim.lr == 1e-3 and cfg.optim.weight_decay == 0.2
+
+
+def test_caption_run_template_alone_means_a_custom_prompt():
+    from t2i_recap.captioner import run
+
+    def prompt(*argv):
+        return run.config_from_args(run.build_parser().parse_args(["--input", "i", "--out", "o", "--model", "m", *argv]))
+
+    assert prompt("--template", "describe {org_caption}").prompt == "custom"
+    assert prompt().prompt == "recap"
+    assert prompt("--template", "x {org_caption}", "--prompt", "conditioned").prompt == "conditioned"
+    assert prompt("--template", "x {org_caption}", "--set", "prompt=recap").prompt == "recap"  # --set wins over it
