@@ -22,12 +22,14 @@ import html
 import json
 import re
 import statistics
+import typing
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
+from t2i_recap.cli_config import add_config_arguments, config_from_args
 from t2i_recap.extras import available
 from t2i_recap.io import atomic_path, atomic_write_text
 from t2i_recap.logging_utils import get_logger, setup_logging
@@ -337,21 +339,49 @@ def _clip_section(side: Sidecars, ok: list[dict], clip: str, images: str | None)
     return section
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclasses.dataclass
+class StatsConfig:
+    """What `t2i-recap caption stats` reads and writes (its flags, or --config / --set)."""
+
+    sidecars: str | None = None
+    """Folder of recaption sidecars (*.parquet). One of sidecars, released."""
+    released: str | None = None
+    """The released Recap-DataComp-1B parquet (file, folder or glob), joined to the download given by --images."""
+    join_on: typing.Literal["sha256", "url"] = "sha256"
+    """--released: the column the release and the samples' .json share."""
+    min_coverage: float = 0.99
+    """--released: fail when a smaller share of the samples matches a released row."""
+    out: str = ""
+    """Folder for stats.json, stats.md, lengths.png."""
+    clip: str | None = None
+    """Local CLIP folder: CLIP score of original vs recaption."""
+    tokenizer: str | None = None
+    """Tokenizer for token lengths (default: the CLIP's, else the captioner's)."""
+    images: str | None = None
+    """The captioned input (default: the shard sources in the sidecars)."""
+
+    def check_source(self) -> None:
+        if bool(self.sidecars) == bool(self.released):
+            raise ValueError("give exactly one of --sidecars, --released")
+
+
+FLAGS = {"--sidecars": "sidecars", "--released": "released", "--join-on": "join_on", "--min-coverage": "min_coverage",
+         "--out": "out", "--clip": "clip", "--tokenizer": "tokenizer", "--images": "images"}
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t2i-recap caption stats", description=__doc__.split("\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--sidecars", help="folder of recaption sidecars (*.parquet)")
-    source.add_argument("--released", help="the released Recap-DataComp-1B parquet (file, folder or glob), joined "
-                        "to the download given by --images")
-    parser.add_argument("--join-on", choices=("sha256", "url"), default="sha256",
-                        help="--released: the column the release and the samples' .json share")
-    parser.add_argument("--min-coverage", type=float, default=0.99,
-                        help="--released: fail when a smaller share of the samples matches a released row")
-    parser.add_argument("--out", required=True, help="folder for stats.json, stats.md, lengths.png")
-    parser.add_argument("--clip", help="local CLIP folder: CLIP score of original vs recaption")
-    parser.add_argument("--tokenizer", help="tokenizer for token lengths (default: the CLIP's, else the captioner's)")
-    parser.add_argument("--images", help="the captioned input (default: the shard sources in the sidecars)")
-    args = parser.parse_args(argv)
+    add_config_arguments(parser, StatsConfig, FLAGS, required=("--out",))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = config_from_args(StatsConfig, parser.parse_args(argv))
+        args.check_source()
+    except ValueError as exc:  # ConfigError included
+        parser.error(str(exc))
     setup_logging()
     stats, lists = compute_stats(args.sidecars, args.clip, args.tokenizer, args.images, args.released,
                                  args.join_on, args.min_coverage)
