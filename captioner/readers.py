@@ -93,6 +93,8 @@ class Sample:
     org_caption: str | None = None
     error: str | None = None  # why the sample is skipped; then `image` is None
     notes: list[str] = dataclasses.field(default_factory=list)  # safe conversions applied
+    url: str | None = None  # where img2dataset downloaded it from (its .json `url`), when known
+    sha256: str | None = None  # img2dataset's hash of the image bytes (its .json `sha256`), when known
 
 
 @dataclasses.dataclass
@@ -281,6 +283,7 @@ def _webdataset_sample(key: str, shard: str, error: str | None, files: dict[str,
                        coverage: SpecCoverage | None) -> Sample:
     """One webdataset sample, from a tar or from a row `datasets` made of one: the same fields, the same caption."""
     sample = Sample(key=key, shard=shard, error=error)
+    sample.url, sample.sha256 = _download_ids(files)
     caption_raw = _webdataset_caption(files, cfg, sample.notes)
     sample.org_caption, notes = decode_caption(caption_raw, cfg.max_caption_chars)
     sample.notes.extend(notes)
@@ -293,6 +296,17 @@ def _webdataset_sample(key: str, shard: str, error: str | None, files: dict[str,
     if isinstance(data, dict):  # an HF `Image` feature stored undecoded: {"bytes": ..., "path": ...}
         data = data.get("bytes")
     return _finish(sample, data, cfg)
+
+
+def _download_ids(files: dict[str, Any]) -> tuple[str | None, str | None]:
+    """img2dataset's `url` and `sha256` from the sample's .json, carried into the sidecar so the
+    released Recap-DataComp-1B captions join it by either; (None, None) where the json lacks them."""
+    try:
+        meta = SampleView(files).json() or {}
+    except CaptionSpecError:  # an unreadable .json: the caption path reports it
+        return None, None
+    url, sha = meta.get("url"), meta.get("sha256")
+    return (url if isinstance(url, str) and url else None), (sha if isinstance(sha, str) and sha else None)
 
 
 def _webdataset_caption(files: dict[str, Any], cfg: ReaderConfig, notes: list[str]) -> Any:

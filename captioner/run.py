@@ -287,7 +287,8 @@ class ShardCaptioner:
 
     def _row(self, sample: Sample, seen: set[str], shard: str, pending: list) -> Row:
         self.last_key = sample.key
-        row = Row(key=sample.key, org_caption=sample.org_caption, notes=list(sample.notes))
+        row = Row(key=sample.key, org_caption=sample.org_caption, notes=list(sample.notes), url=sample.url,
+                  sha256=sample.sha256)
         if sample.error is not None:
             row.status, row.error = "skipped", sample.error
         elif sample.key in seen:

@@ -42,6 +42,8 @@ SCHEMA = pa.schema([
     ("repetition", pa.bool_()),
     ("re_num_tokens", pa.int32()),
     ("notes", pa.string()),
+    ("url", pa.string()),
+    ("sha256", pa.string()),
 ])
 
 
@@ -60,10 +62,15 @@ class Row:
     repetition: bool | None = None
     re_num_tokens: int | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    url: str | None = None
+    """The input's download url (img2dataset's .json), for joining the released captions."""
+    sha256: str | None = None
+    """The input's image sha256 (img2dataset's .json), for joining the released captions."""
 
     def record(self) -> dict:
         notes = list(self.notes)
-        key, org, rec, err = (_storable(getattr(self, f), f, notes) for f in ("key", "org_caption", "re_caption", "error"))
+        key, org, rec, err, url, sha = (_storable(getattr(self, f), f, notes)
+                                        for f in ("key", "org_caption", "re_caption", "error", "url", "sha256"))
         return {
             "key": key,
             "org_caption": org,
@@ -76,6 +83,8 @@ class Row:
             "repetition": self.repetition,
             "re_num_tokens": self.re_num_tokens,
             "notes": _storable("; ".join(notes), "notes", []) or None,
+            "url": url,
+            "sha256": sha,
         }
 
 

@@ -62,7 +62,7 @@ def test_sidecars_hold_every_sample_with_provenance(captioner_shards, tiny_llava
     assert _sidecar_keys(out) == _tar_keys(captioner_shards)
     rows = pq.read_table(out / "00001.parquet").to_pylist()
     assert list(rows[0]) == ["key", "org_caption", "re_caption", "re_length", "org_length", "status", "error",
-                             "finish_reason", "repetition", "re_num_tokens", "notes"]
+                             "finish_reason", "repetition", "re_num_tokens", "notes", "url", "sha256"]
     for r in rows:
         assert r["status"] == "ok" and r["error"] is None and r["org_caption"]
         assert r["finish_reason"] in ("stop", "length") and r["re_num_tokens"] <= 8

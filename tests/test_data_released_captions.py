@@ -178,3 +178,27 @@ def test_prepare_below_coverage_is_one_error_line(download, train_assets, tmp_pa
     assert prepare.main(["--config", str(write_config(tmp_path / "cfg.yaml", raw))]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "released captions" in line]
     assert len(err) == 1 and "only 5 of 6 samples" in err[0]  # one line, no traceback
+
+
+def test_captioner_sidecars_carry_the_downloads_url_and_sha256(download, tmp_path):
+    """The sidecar rows keep img2dataset's url and sha256, so the release joins the recaptions too."""
+    import tarfile
+
+    import pyarrow.parquet as pq
+    from test_reliability_bad_input import EchoBackend
+
+    from t2i_recap.captioner.run import CaptionRunConfig, Dist, caption_run
+
+    shards, _, rows, _ = download
+    summary = caption_run(CaptionRunConfig(input=str(shards), out=str(tmp_path / "recaps"), model="echo"), Dist(),
+                          EchoBackend())
+    assert not summary["shards_failed"], summary
+    side = pq.read_table(next((tmp_path / "recaps").glob("*.parquet"))).to_pylist()
+    with tarfile.open(next(shards.glob("*.tar"))) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    for row in side:
+        meta = json.loads(members[f"{row['key']}.json"])
+        assert (row["url"], row["sha256"]) == (meta["url"], meta["sha256"])
+        assert row["sha256"] == hashlib.sha256(members[f"{row['key']}.jpg"]).hexdigest()  # the bytes' own hash
+        assert row["url"] in rows
+    assert len(side) == 6
