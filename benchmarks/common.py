@@ -153,11 +153,10 @@ def fmt(value, digits: int = 1) -> str:
 
 
 def markdown_table(rows: Iterable[dict], columns: Sequence[str], digits: dict[str, int] | None = None) -> str:
+    from t2i_recap.markdown import md_table
+
     digits = digits or {}
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(fmt(row.get(c), digits.get(c, 1)) for c in columns) + " |")
-    return "\n".join(lines)
+    return "\n".join(md_table(list(columns), [[fmt(row.get(c), digits.get(c, 1)).replace("|", "\\|") for c in columns] for row in rows]))
 
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:

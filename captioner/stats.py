@@ -33,6 +33,7 @@ from t2i_recap.cli_config import add_config_arguments, config_from_args
 from t2i_recap.extras import available
 from t2i_recap.io import atomic_path, atomic_write_text
 from t2i_recap.logging_utils import get_logger, setup_logging
+from t2i_recap.markdown import md_table
 from t2i_recap.shards import shard_id
 
 from .writer import read_info
@@ -225,23 +226,22 @@ def render_markdown(stats: dict) -> str:
     c = stats["captions"]
     w = c["words"]
     lines = ["# Recaption statistics", "", f"Sidecars: `{_md(stats['sidecars'])}` ({stats['files']} files, "
-             f"{c['rows']} rows; status {_md(json.dumps(c['status']))}).", "",
-             "| | original | recaption |", "|---|---|---|",
-             f"| mean words | {w['original'].get('mean', '-')} | {w['recaption'].get('mean', '-')} |",
-             f"| median / p90 words | {w['original'].get('median', '-')} / {w['original'].get('p90', '-')} "
-             f"| {w['recaption'].get('median', '-')} / {w['recaption'].get('p90', '-')} |"]
+             f"{c['rows']} rows; status {_md(json.dumps(c['status']))}).", ""]
+    table = [["mean words", w["original"].get("mean", "-"), w["recaption"].get("mean", "-")],
+             ["median / p90 words", f"{w['original'].get('median', '-')} / {w['original'].get('p90', '-')}",
+              f"{w['recaption'].get('median', '-')} / {w['recaption'].get('p90', '-')}"]]
     if "tokens" in c:
         t = c["tokens"]
-        lines.append(f"| mean tokens ({_md(t['tokenizer'])}) | {t['original'].get('mean', '-')} | "
-                     f"{t['recaption'].get('mean', '-')} |")
+        table.append([f"mean tokens ({_md(t['tokenizer'])})", t["original"].get("mean", "-"), t["recaption"].get("mean", "-")])
     v = c["vocabulary"]
-    lines.append(f"| vocabulary (words) | {v['original']} | {v['recaption']} |")
+    table.append(["vocabulary (words)", v["original"], v["recaption"]])
     clip = stats.get("clip_score")
     if clip:
         for key, label in (("score", "CLIP score"), ("score_uncut_pairs", "CLIP score, uncut pairs only")):
-            lines.append(f"| {label} | {clip['original'][key]} | {clip['recaption'][key]} |")
-        lines.append(f"| cut to {clip['max_tokens']} CLIP tokens | {_pct(clip['original']['cut_to_max_tokens'])} "
-                     f"| {_pct(clip['recaption']['cut_to_max_tokens'])} |")
+            table.append([label, clip["original"][key], clip["recaption"][key]])
+        table.append([f"cut to {clip['max_tokens']} CLIP tokens", _pct(clip["original"]["cut_to_max_tokens"]),
+                      _pct(clip["recaption"]["cut_to_max_tokens"])])
+    lines += md_table(["", "original", "recaption"], table)
     lines += ["", f"- Shared vocabulary: {v['shared']} words (Jaccard {v['jaccard']}); "
               f"{_pct_of(v['recaption_words_in_original_vocab'])} of the recaption vocabulary occurs in the originals.",
               f"- Recaptions that hit the {c['max_new_tokens'] or '?'}-token cap: {_pct(c['hit_token_cap'])}; "

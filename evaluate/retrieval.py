@@ -34,6 +34,7 @@ from t2i_recap.config import ConfigError
 from t2i_recap.identity import model_digest
 from t2i_recap.io import atomic_write_text
 from t2i_recap.logging_utils import get_logger, setup_logging
+from t2i_recap.markdown import md_table
 
 from .report import fmt_metric, md_cell, versions
 from .stats import mean_ci
@@ -256,8 +257,8 @@ def metric_rows(report: dict) -> list[tuple[str, dict]]:
 def render_markdown(report: dict) -> str:
     lines = ["# CLIP retrieval evaluation", "", f"Model: {md_cell(report['model']['path'])} "
              f"(sha256 {report['model']['sha256'][:12]}); suite: {md_cell(report['suite']['name'])}.", "",
-             "Mean [95% bootstrap CI over items].", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {md_cell(name)} | {fmt_metric(v)} |" for name, v in metric_rows(report)]
+             "Mean [95% bootstrap CI over items].", ""]
+    lines += md_table(["metric", "value"], [[md_cell(name), fmt_metric(v)] for name, v in metric_rows(report)])
     missed = [it for it in report["items"] if not it["t2i_r1"]][:10]
     if missed:
         lines += ["", "## Captions whose image was not ranked first", ""] + [f"- {md_cell(it['text'])}" for it in missed]
@@ -314,9 +315,9 @@ def compare_runs(runs: list[str | Path], labels: list[str] | None = None) -> dic
 
 def compare_markdown(result: dict) -> str:
     cols = list(dict.fromkeys(k for row in result["rows"] for k in row["metrics"]))
-    lines = ["# CLIP comparison", "", "| run | " + " | ".join(md_cell(c) for c in cols) + " |", "|" + "---|" * (len(cols) + 1)]
-    lines += ["| " + md_cell(r["label"]) + " | " + " | ".join(fmt_metric(r["metrics"].get(c)) for c in cols) + " |"
-              for r in result["rows"]]
+    lines = ["# CLIP comparison", ""] + md_table(
+        ["run", *(md_cell(c) for c in cols)],
+        [[md_cell(r["label"]), *(fmt_metric(r["metrics"].get(c)) for c in cols)] for r in result["rows"]])
     if not result["same_suite"]:
         lines += ["", "Warning: the runs used different suites."]
     return "\n".join(lines) + "\n"
