@@ -179,16 +179,24 @@ def _element(spec: CaptionSpec, value: Any) -> Any:
 _ABBREVIATIONS = {"e.g", "i.e", "etc", "vs", "mr", "mrs", "ms", "dr", "st", "prof", "jr", "sr", "no", "approx",
                   "fig", "inc", "ltd", "co", "mt", "ft", "u.s", "u.k", "a.m", "p.m"}
 _END = re.compile(r"([.!?]+)([\"')\]]*)(\s+)(?=[\"'(\[]?[A-Z0-9])")
+# An all-lower-case caption (a lower-casing captioner or tokenizer) has no capital to start the next
+# sentence: there a single ., ! or ? before a lower-case letter ends it (an ellipsis does not).
+_END_LOWER = re.compile(r"((?<!\.)\.(?!\.)|[!?]+)([\"')\]]*)(\s+)(?=[\"'(\[]?[a-z0-9])")
+DERIVED_VERSIONS = {"first_sentence": 2}
+"""Rule versions of the derived captions: part of the feature cache's fingerprint, so a cache made
+under an older rule is rebuilt."""
 
 
 def first_sentence(text: str | None) -> str | None:
     """The first sentence of `text`: up to the first ., ! or ? that ends a word and is followed by
     whitespace and a capital letter or digit. Abbreviations (e.g., Dr., St.), single initials
     (J. Smith), decimals (3.5) and ellipses inside a sentence do not end it. Text without such an end
-    is one sentence and returned whole."""
+    is one sentence and returned whole. In a text without capitals, a single ., ! or ? followed by
+    whitespace and a lower-case letter or digit ends it too."""
     if text is None:
         return None
-    for m in _END.finditer(text):
+    ends = _END if any(c.isupper() for c in text) else _END_LOWER
+    for m in ends.finditer(text):
         before = text[:m.start()]
         word = before.rsplit(None, 1)[-1].lower() if before.split() else ""
         if m.group(1) == "." and (word.rstrip(".") in _ABBREVIATIONS or (len(word) == 1 and word.isalpha())):

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from t2i_recap.caption_specs import (WEBDATASET_COLUMNS, CaptionSpecError, SampleView, SpecCoverage, caption_order,
+from t2i_recap.caption_specs import (DERIVED_VERSIONS, WEBDATASET_COLUMNS, CaptionSpecError, SampleView, SpecCoverage, caption_order,
                                      parse_spec, resolve_named)
 from t2i_recap.images import BadImage, decode_image, decode_pil
 from t2i_recap import storage
@@ -154,6 +154,9 @@ class DataConfig:
         if self.sources:
             return {"sources": {s.name: cfg.caption_fingerprint() for s, cfg in zip(self.sources, source_configs(self))}}
         fp: dict = self.caption_specs()
+        derived = sorted({s.kind for s in self.parsed_specs().values() if s.kind in DERIVED_VERSIONS})
+        if derived:  # the rule that derives them is part of what the features are
+            fp = {**fp, "derived_versions": {k: DERIVED_VERSIONS[k] for k in derived}}
         if self.flagged_recaptions in ("drop", "fallback"):  # the cache holds no dropped sample, no fallen-back recaption
             fp = {**fp, "flagged_recaptions": self.flagged_recaptions}
         if self.released_captions:

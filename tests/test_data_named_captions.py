@@ -106,6 +106,11 @@ REAL_LOOKING = [
      "Portrait of J. R. R. Tolkien smiling... wearing a tweed jacket."),
     ("a single caption with no final stop", "a single caption with no final stop"),
     ("Is this a cat? No, it is a fox.", "Is this a cat?"),
+    # all lower case (the shapes captioner's output): no capital starts the next sentence
+    ("a picture of a large orange triangle at the top left and a small blue circle. the orange triangle is above "
+     "the blue circle.", "a picture of a large orange triangle at the top left and a small blue circle."),
+    ("two red squares... side by side. the left one is larger.", "two red squares... side by side."),
+    ("a 3.5 mm jack on a desk. it is black.", "a 3.5 mm jack on a desk."),
 ]
 
 
@@ -237,3 +242,13 @@ def test_named_caption_run_resumes_exactly_and_counts(tmp_path, train_assets, tr
     assert any(k.endswith("->original") for k in counts["fallbacks"])
     summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
     assert summary["mix_counts"] == counts and "first_sentence" in summary["truncated"]
+
+
+def test_the_first_sentence_rule_is_part_of_the_cache_fingerprint():
+    from t2i_recap.caption_specs import DERIVED_VERSIONS
+    from t2i_recap.data import DataConfig
+
+    plain = DataConfig(shards="x").caption_fingerprint()
+    derived = DataConfig(shards="x", captions={"first_sentence": "first_sentence:recaption"}).caption_fingerprint()
+    assert "derived_versions" not in plain  # a two-caption config keeps its fingerprint
+    assert derived["derived_versions"] == {"first_sentence": DERIVED_VERSIONS["first_sentence"]}
