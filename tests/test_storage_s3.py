@@ -2,8 +2,8 @@
 
 `caption run` from s3:// shards to s3:// sidecars (resume, every key once, identity by content),
 a killed run leaves no partial sidecar object, `prepare` from s3:// builds the cache it builds from
-local paths, and shards read over http://. One S3 server for the module; every test uses its own
-bucket prefix.
+local paths, and shards read over http://. One S3 server for the module; every test (and
+tests/test_scale_e2e.py, whose server shares moto's in-process store) uses its own bucket prefix.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def s3():
         mp.delenv("AWS_PROFILE", raising=False)
         s3fs.S3FileSystem.clear_instance_cache()
         fs = s3fs.S3FileSystem(endpoint_url=f"http://{host}:{port}", skip_instance_cache=True, use_listings_cache=False)
-        fs.mkdir(BUCKET)
+        if not fs.exists(BUCKET):  # moto keeps its buckets in-process: another module's server made it already
+            fs.mkdir(BUCKET)
         yield fs
         s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
