@@ -4,7 +4,7 @@ Seeds are fixed per (prompt index, image index): `seed + index * images_per_prom
 same for the raw and recaptioned forms, so the two forms are paired. Images are written as
 `images/<variant>/<index:05d>_<k:02d>.png` (names never come from prompt ids), atomically, and a
 rerun generates only the images that are missing or were made from anything else (another model,
-prompt, seed, step count, guidance or scheduler: see `imageset`).
+prompt, seed, step count, guidance, scheduler or image size: see `imageset`).
 """
 
 from __future__ import annotations
@@ -37,6 +37,15 @@ class GenSettings:
     batch_size: int
     text_chunks: int | None = None
     """Prompts encoded in this many chunks (a model trained with text_encoder.long_captions=chunks)."""
+    height: int | None = None
+    """Image height in pixels (None: `resolution`)."""
+    width: int | None = None
+    """Image width in pixels (None: `resolution`)."""
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the generated images."""
+        return (self.height or self.resolution, self.width or self.resolution)
 
 
 def image_seed(seed: int, index: int, k: int, images_per_prompt: int) -> int:
@@ -107,7 +116,7 @@ def _generate(pipe, prompts: list[str], seeds: list[int], s: GenSettings) -> lis
     return generate_images(pipe, prompts, seeds, num_inference_steps=s.num_inference_steps,
                            guidance_scale=s.guidance_scale, resolution=s.resolution,
                            max_sequence_length=s.max_sequence_length, batch_size=s.batch_size,
-                           text_chunks=s.text_chunks)
+                           text_chunks=s.text_chunks, height=s.size[0], width=s.size[1])
 
 
 def truncated_prompts(pipe, prompts: list[str | None], max_sequence_length: int, text_chunks: int | None = None) -> int:

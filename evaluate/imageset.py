@@ -2,7 +2,8 @@
 when it would come out the same.
 
 `images/<variant>/imageset.json` records the set's key (model digest by content, steps, guidance,
-scheduler, resolution, text length, images per prompt) and, per image, its prompt's hash and its
+scheduler, resolution, image height and width when they are not the square resolution, text
+length, images per prompt) and, per image, its prompt's hash and its
 seed. A set whose key differs (another model, step count, ...) is generated anew; within a set,
 an image is reused only when its prompt and seed match. Images found without an entry (a crash
 between writing the image and its entry, or a folder from before this record) are regenerated.
@@ -35,11 +36,18 @@ def scheduler_identity(pipe) -> dict | None:
 
 
 def set_key(model_digest: str, settings, scheduler: dict | None) -> dict:
-    """Everything shared by a set's images that decides what they look like."""
-    return {"version": VERSION, "model_digest": model_digest, "num_inference_steps": settings.num_inference_steps,
-            "guidance_scale": settings.guidance_scale, "resolution": settings.resolution,
-            "max_sequence_length": settings.max_sequence_length, "images_per_prompt": settings.images_per_prompt,
-            "scheduler": scheduler}
+    """Everything shared by a set's images that decides what they look like.
+
+    The image size enters as `height`/`width` only when it is not resolution x resolution, so a set
+    recorded before sizes could be chosen keeps its key (its images are that square)."""
+    key = {"version": VERSION, "model_digest": model_digest, "num_inference_steps": settings.num_inference_steps,
+           "guidance_scale": settings.guidance_scale, "resolution": settings.resolution,
+           "max_sequence_length": settings.max_sequence_length, "images_per_prompt": settings.images_per_prompt,
+           "scheduler": scheduler}
+    height, width = getattr(settings, "size", (settings.resolution, settings.resolution))
+    if (height, width) != (settings.resolution, settings.resolution):
+        key.update(height=height, width=width)
+    return key
 
 
 class ImageSet:

@@ -1,7 +1,7 @@
 """`t2i-recap eval run`: generate a prompt suite's images with a model, score them, write the report.
 
     t2i-recap eval run --model EXPORT_OR_RUN --suite shapes|PROMPTS_FILE --out DIR \
-        [--images-per-prompt N] [--steps S] [--guidance G] [--seed S] [--batch-size B] \
+        [--images-per-prompt N] [--steps S] [--guidance G] [--seed S] [--batch-size B] [--height H --width W] \
         [--clip CLIP_DIR] [--vqa-model VLM_DIR] [--reference IMAGES|SHARDS|gold] \
         [--inception-weights FILE] [--recaption auto|none|column|gold|CAPTIONER_DIR] \
         [--config configs/eval/X.yaml] [--set key=value ...]
@@ -50,6 +50,10 @@ class EvalConfig:
     """A diffusers scheduler class name to sample with instead of the exported one."""
     resolution: int | None = None
     """Image side in pixels (default: the export's resolution)."""
+    height: int | None = None
+    """Generated image height in pixels (default: the resolution); the shapes oracle needs height == width."""
+    width: int | None = None
+    """Generated image width in pixels (default: the resolution); the shapes oracle needs height == width."""
     max_sequence_length: int | None = None
     """Text tokens (default: the export's max_sequence_length)."""
     batch_size: int = 16
@@ -86,6 +90,10 @@ class EvalConfig:
             raise ValueError("images_per_prompt, batch_size and per_category must be >= 1")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        for name in ("resolution", "height", "width"):
+            value = getattr(self, name)
+            if value is not None and value < 8:
+                raise ValueError(f"{name} must be >= 8 pixels (or unset for the export's resolution), got {value}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
 
@@ -102,10 +110,24 @@ def _settings(cfg: EvalConfig, sidecar: dict):
             raise ValueError(f"the model's t2i_recap.json has no {key!r}; pass it on the command line")
         return fallback
 
+    resolution = int(pick(cfg.resolution, "resolution"))
     return GenSettings(cfg.images_per_prompt, cfg.seed, int(pick(cfg.steps, "num_inference_steps")),
-                       float(pick(cfg.guidance, "guidance_scale")), int(pick(cfg.resolution, "resolution")),
+                       float(pick(cfg.guidance, "guidance_scale")), resolution,
                        int(pick(cfg.max_sequence_length, "max_sequence_length", 77)), cfg.batch_size,
-                       sidecar.get("text_chunks"))
+                       sidecar.get("text_chunks"), cfg.height or resolution, cfg.width or resolution)
+
+
+def _check_oracle_size(suite, settings) -> None:
+    """The shapes oracle reads a square 3x3 world (t2i_recap.shapes.oracle.to_array stretches any
+    other image to a square): on a non-square image that stretch turns circles into ellipses and
+    squares into rectangles, so its verdicts would be about the stretch, not the model. Refused."""
+    height, width = settings.size
+    scored = sum(bool(r.constraints) for r in suite.records)
+    if height != width and scored:
+        raise ValueError(f"--height {height} --width {width}: the shapes oracle scores {scored} of the suite's prompts "
+                         "and reads only square images (its world is a square 3x3 grid; a stretched non-square image "
+                         "would misread shapes); use height == width for this suite, or a prompt file without "
+                         "scenes/constraints for non-square sizes")
 
 
 def _swap_scheduler(pipe, name: str):
@@ -188,6 +210,7 @@ def run_eval(cfg: EvalConfig, argv: list[str] | None = None, generate=None) -> P
     model_dir = resolve_model(cfg.model, out)
     info = model_info(model_dir)
     settings = _settings(cfg, info["sidecar"])
+    _check_oracle_size(suite, settings)
     scorers = _scorers(cfg, suite, settings.resolution)  # missing metric weights fail before generation
     images_root = Path(cfg.images_root) if cfg.images_root else (
         Path(suite.source).parent if Path(suite.source).is_file() else None)
@@ -239,7 +262,7 @@ FLAGS = {  # public flag -> EvalConfig field; every other field through --config
     "--steps": "steps", "--guidance": "guidance", "--seed": "seed", "--batch-size": "batch_size",
     "--scheduler": "scheduler", "--per-category": "per_category", "--clip": "clip", "--vqa-model": "vqa_model",
     "--reference": "reference", "--inception-weights": "inception_weights", "--recaption": "recaption",
-    "--device": "device", "--max-reference": "max_reference",
+    "--device": "device", "--max-reference": "max_reference", "--height": "height", "--width": "width",
 }
 REQUIRED = ("--model", "--out")
 

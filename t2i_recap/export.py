@@ -4,14 +4,16 @@ The folder loads with plain diffusers, `DiffusionPipeline.from_pretrained(OUT)`,
 PixArtAlphaPipeline (transformer, vae, text_encoder, tokenizer, scheduler), every part in float32,
 and `pipe(prompt)` with diffusers' defaults generates at the trained size where diffusers allows it
 (`plain_call`); OUT/t2i_recap.json holds the trained size and the generation defaults evaluation
-reads (resolution, max_sequence_length, objective, num_inference_steps, guidance_scale), and
-OUT/README.md is a model card with the call, the config and the data provenance.
+reads (resolution, max_sequence_length, objective, num_inference_steps, guidance_scale; for a run
+trained with data.aspect_buckets, its bucket sizes), and OUT/README.md is a model card with the
+call, the config and the data provenance.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import inspect
 import json
 import sys
@@ -114,6 +116,39 @@ def extend_clip_positions(model, length: int):
     return model
 
 
+def trained_buckets(cfg, multiple: int) -> tuple[bool, list[list[int]] | None]:
+    """(whether the run trained on aspect-ratio buckets, their (height, width) sizes in pixels).
+
+    The sizes come from `t2i_recap.buckets.bucket_table(resolution, multiple)`, the table training
+    drew from; None when this t2i-recap has no such table (the card then says so)."""
+    if not getattr(cfg.data, "aspect_buckets", False):
+        return False, None
+    try:
+        table = importlib.import_module("t2i_recap.buckets").bucket_table
+    except (ImportError, AttributeError):
+        log.warning("the run trained with data.aspect_buckets but t2i_recap.buckets.bucket_table is missing: the "
+                    "export lists no bucket sizes")
+        return True, None
+    return True, [[int(h), int(w)] for h, w in table(cfg.data.resolution, multiple)]
+
+
+def _bucket_lines(settings: dict) -> list[str]:
+    """The card's lines on generating at another size than the square one."""
+    buckets = settings.get("buckets")
+    if not settings.get("aspect_buckets"):
+        return []
+    if not buckets:
+        return ["This model was trained on aspect-ratio buckets (data.aspect_buckets), but the t2i-recap that "
+                "exported it had no bucket table, so the sizes are not listed here.", ""]
+    h, w = max(buckets, key=lambda s: (s[1] / s[0], s[1]))  # the widest bucket as the example
+    sizes = ", ".join(f"{bh}x{bw}" for bh, bw in buckets)
+    return ["This model was trained on aspect-ratio buckets (data.aspect_buckets): each image at the "
+            "(height x width) size nearest its shape. Generate at any of them with height and width "
+            "(binning off: diffusers' own buckets are not these):", "",
+            "```python", f"image = pipe({PROMPT!r}, height={h}, width={w}, use_resolution_binning=False).images[0]",
+            "```", "", f"Trained sizes (height x width, px): {sizes}.", ""]
+
+
 # ---------------------------------------------------------------- the folder
 
 
@@ -151,6 +186,7 @@ def usage(settings: dict) -> list[str]:
              f"image = {call}.images[0]  # {res}x{res}", "```", ""]
     if settings["diffusers_call_reason"]:
         lines += [f"`use_resolution_binning=False` is needed: {settings['diffusers_call_reason']}.", ""]
+    lines += _bucket_lines(settings)
     chunks = settings.get("text_chunks")
     plain_len = settings["max_sequence_length"] // chunks if chunks else settings["max_sequence_length"]  # one chunk
     lines += [
@@ -249,6 +285,7 @@ def export(run_dir: str | Path, out: str | Path, *, checkpoint: str = "latest", 
         ck = Checkpointer.load(ck_path)
         pipe, weights, text, positions = build_pipeline(cfg, ck, weights)
         call, reason = plain_call(pipe.transformer.config.sample_size, pipe.vae_scale_factor)
+        bucketed, buckets = trained_buckets(cfg, pipe.vae_scale_factor * pipe.transformer.config.patch_size)
         settings = {
             "resolution": cfg.data.resolution, "max_sequence_length": text.max_length,
             "objective": cfg.objective.name,
@@ -259,6 +296,7 @@ def export(run_dir: str | Path, out: str | Path, *, checkpoint: str = "latest", 
             "text_encoder_positions": positions and positions[1], "diffusers_call": call, "diffusers_call_reason": reason,
             "text_chunks": text.chunks,
             "text_note": _text_note(text.model_type, text.max_length, positions, text.chunks),
+            "aspect_buckets": bucketed, "buckets": buckets,
         }
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / "t2i_recap.json").write_text(json.dumps(settings, indent=2))

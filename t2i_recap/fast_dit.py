@@ -12,7 +12,10 @@ PixArtTransformer2DModel. What the fast forward does differently:
     fp32 but keeps SDPA off its fused kernels when a float mask is given);
   - optionally a bf16 residual stream (activations between blocks in bf16; the weights, the AdamW
     state and the EMA stay fp32, and matmuls run under autocast as before).
-In fp32 it matches PixArtTransformer2DModel to float rounding (tests/test_fast_dit.py).
+In fp32 it matches PixArtTransformer2DModel to float rounding (tests/test_fast_dit.py), at any
+latent height and width, non-square ones too (tests/test_sizes.py): the patch embedding is
+diffusers' own PatchEmbed, which recomputes its sincos position table for a grid other than the
+trained one, and the output is unpatchified to the input's (height, width).
 Inputs the fast path does not cover (a self-attention mask, cross_attention_kwargs, an already
 converted mask bias, additional conditions) go through diffusers' own forward.
 """

@@ -52,6 +52,10 @@ class ValidationConfig:
     """Fixed timesteps per batch: the midpoints of the noise range cut in this many."""
     loss_seed: int = 0
     """Seed of the fixed noise."""
+    height: int | None = None
+    """Validation image height in pixels (None: data.resolution)."""
+    width: int | None = None
+    """Validation image width in pixels (None: data.resolution)."""
 
     def __post_init__(self) -> None:
         if not self.prompts or not self.seeds:
@@ -61,15 +65,28 @@ class ValidationConfig:
         for name in ("holdout_shards", "loss_batches", "loss_batch_size", "loss_timesteps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"validation.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and value < 8:
+                raise ValueError(f"validation.{name} must be >= 8 pixels (or null for data.resolution), got {value}")
+
+
+def validation_size(v: ValidationConfig, resolution: int) -> tuple[int, int]:
+    """(height, width) of the validation images: validation.height/width, each defaulting to `resolution`."""
+    return (v.height or resolution, v.width or resolution)
 
 
 def generate_images(pipe, prompts: list[str], seeds: list[int], *, num_inference_steps: int, guidance_scale: float,
                     resolution: int, max_sequence_length: int, batch_size: int = 8,
-                    text_chunks: int | None = None) -> list[Image.Image]:
-    """One image per (prompt, seed) pair, in order; `text_chunks` encodes prompts in chunks of
-    max_sequence_length / text_chunks tokens, as a model trained with long_captions=chunks saw them."""
+                    text_chunks: int | None = None, height: int | None = None,
+                    width: int | None = None) -> list[Image.Image]:
+    """One image per (prompt, seed) pair, in order, `height` x `width` pixels (each None: `resolution`);
+    `text_chunks` encodes prompts in chunks of max_sequence_length / text_chunks tokens, as a model
+    trained with long_captions=chunks saw them."""
     if len(prompts) != len(seeds):
         raise ValueError(f"generate_images: {len(prompts)} prompts but {len(seeds)} seeds")
+    height, width = height or resolution, width or resolution
+    _check_size(pipe, height, width)
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch_size):
         chunk_p, chunk_s = prompts[start:start + batch_size], seeds[start:start + batch_size]
@@ -80,10 +97,10 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], *, num_inference
                 generator=[torch.Generator("cpu").manual_seed(int(s)) for s in chunk_s],
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
-                height=resolution,
-                width=resolution,
+                height=height,
+                width=width,
                 max_sequence_length=max_sequence_length,
-                use_resolution_binning=False,  # binning resizes to PixArt's aspect-ratio buckets; we train square
+                use_resolution_binning=False,  # binning would resize to diffusers' own buckets, not the trained sizes
                 clean_caption=False,           # keep prompts verbatim (and need neither bs4 nor ftfy)
                 output_type="latent",
             )
@@ -96,6 +113,17 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], *, num_inference
                              "use 2 or more") from exc
         images.extend(_decode(pipe, out.images))
     return images
+
+
+def _check_size(pipe, height: int, width: int) -> None:
+    """Each side must be a whole number of latent patches (VAE downsampling x DiT patch size): the
+    pipeline would otherwise floor the latent and the transformer fail on a ragged patch grid."""
+    patch = getattr(getattr(pipe, "transformer", None), "config", None)
+    multiple = getattr(pipe, "vae_scale_factor", 8) * (getattr(patch, "patch_size", None) or 1)
+    for name, value in (("height", height), ("width", width)):
+        if value < 1 or value % multiple:
+            raise ValueError(f"generate_images: {name}={value} px is not a positive multiple of {multiple} px "
+                             "(VAE downsampling x DiT patch size)")
 
 
 def _prompt_embeds(pipe, prompts: list[str], guidance: bool, max_sequence_length: int,
@@ -159,9 +187,11 @@ def load_pipeline(path: str | Path, device: str | torch.device | None = None, dt
 
 
 def generate_from_settings(pipe, settings: dict, prompts: list[str], seeds: list[int], **overrides) -> list[Image.Image]:
-    """generate_images with the defaults an export recorded in t2i_recap.json."""
+    """generate_images with the defaults an export recorded in t2i_recap.json (its height and width,
+    when it records them; `height=`/`width=` overrides pick another size, e.g. one of its buckets)."""
     kw = {k: settings[k] for k in ("num_inference_steps", "guidance_scale", "resolution", "max_sequence_length")}
     kw["text_chunks"] = settings.get("text_chunks")
+    kw.update({k: settings[k] for k in ("height", "width") if settings.get(k)})
     kw.update(overrides)
     return generate_images(pipe, prompts, seeds, **kw)
 
