@@ -146,7 +146,8 @@ def _bucket_lines(settings: dict) -> list[str]:
             "(height x width) size nearest its shape. Generate at any of them with height and width "
             "(binning off: diffusers' own buckets are not these):", "",
             "```python", f"image = pipe({PROMPT!r}, height={h}, width={w}, use_resolution_binning=False).images[0]",
-            "```", "", f"Trained sizes (height x width, px): {sizes}.", ""]
+            "```", "", f"Trained sizes (height x width, px): {sizes}. With t2i-recap, pass `height=` and `width=` to "
+            "`generate_from_settings` (below).", ""]
 
 
 # ---------------------------------------------------------------- the folder
