@@ -115,15 +115,19 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], *, num_inference
     return images
 
 
-def _check_size(pipe, height: int, width: int) -> None:
-    """Each side must be a whole number of latent patches (VAE downsampling x DiT patch size): the
-    pipeline would otherwise floor the latent and the transformer fail on a ragged patch grid."""
-    patch = getattr(getattr(pipe, "transformer", None), "config", None)
-    multiple = getattr(pipe, "vae_scale_factor", 8) * (getattr(patch, "patch_size", None) or 1)
+def check_size(height: int, width: int, multiple: int, what: str = "generate_images") -> None:
+    """Each side must be a positive multiple of the latent patch in pixels (`multiple`: VAE
+    downsampling x DiT patch size); the pipeline would otherwise floor the latent and the
+    transformer fail on a ragged patch grid. The trainer can call it before its first step."""
     for name, value in (("height", height), ("width", width)):
         if value < 1 or value % multiple:
-            raise ValueError(f"generate_images: {name}={value} px is not a positive multiple of {multiple} px "
+            raise ValueError(f"{what}: {name}={value} px is not a positive multiple of {multiple} px "
                              "(VAE downsampling x DiT patch size)")
+
+
+def _check_size(pipe, height: int, width: int) -> None:
+    config = getattr(getattr(pipe, "transformer", None), "config", None)
+    check_size(height, width, getattr(pipe, "vae_scale_factor", 8) * (getattr(config, "patch_size", None) or 1))
 
 
 def _prompt_embeds(pipe, prompts: list[str], guidance: bool, max_sequence_length: int,

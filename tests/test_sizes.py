@@ -16,7 +16,7 @@ from PIL import Image
 
 from t2i_recap.config import from_dict
 from t2i_recap.fast_dit import make_fast
-from t2i_recap.generation import ValidationConfig, generate_images, load_pipeline, validation_size
+from t2i_recap.generation import ValidationConfig, check_size, generate_images, load_pipeline, validation_size
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "a red circle"
@@ -195,3 +195,6 @@ def test_validation_size_and_its_checks():
         ValidationConfig(height=4)
     with pytest.raises(ValueError, match="validation.width must be >= 8"):
         ValidationConfig(width=0)
+    check_size(16, 48, 16)
+    with pytest.raises(ValueError, match="validation: width=40 px is not a positive multiple of 16 px"):
+        check_size(16, 40, 16, "validation")
