@@ -136,7 +136,7 @@ def test_generate_images_at_a_non_square_size_reproduces(eval_pipeline_dir):
 
 
 def _eval_cfg(model, out, suite, **kw):
-    from t2i_recap.evaluate.run import EvalConfig
+    from evaluate.run import EvalConfig
 
     return from_dict(EvalConfig, dict(model=str(model), out=str(out), suite=str(suite), images_per_prompt=1,
                                       batch_size=4, recaption="none") | kw)
@@ -145,7 +145,7 @@ def _eval_cfg(model, out, suite, **kw):
 def test_eval_run_generates_at_the_size_asked_and_a_new_size_regenerates(tmp_path, eval_pipeline_dir):
     from fixtures_eval import EVAL_RES
 
-    from t2i_recap.evaluate.run import parse_args, run_eval
+    from evaluate.run import parse_args, run_eval
 
     suite = tmp_path / "prompts.txt"
     suite.write_text("a red circle\ntwo green triangles\n")
@@ -165,8 +165,8 @@ def test_eval_run_generates_at_the_size_asked_and_a_new_size_regenerates(tmp_pat
 
 
 def test_square_default_keeps_the_image_set_key(eval_pipeline_dir):
-    from t2i_recap.evaluate.generate import GenSettings
-    from t2i_recap.evaluate.imageset import set_key
+    from evaluate.generate import GenSettings
+    from evaluate.imageset import set_key
 
     old = GenSettings(1, 0, 2, 2.0, 24, 32, 4)
     assert set_key("d", old, None) == set_key("d", GenSettings(1, 0, 2, 2.0, 24, 32, 4, None, 24, 24), None)
@@ -176,7 +176,7 @@ def test_square_default_keeps_the_image_set_key(eval_pipeline_dir):
 
 
 def test_shapes_oracle_refuses_non_square_images(tmp_path, eval_pipeline_dir):
-    from t2i_recap.evaluate.run import run_eval
+    from evaluate.run import run_eval
 
     cfg = _eval_cfg(eval_pipeline_dir, tmp_path / "eval", "shapes", per_category=1, height=24, width=48)
     with pytest.raises(ValueError, match="shapes oracle .* reads only square images"):
