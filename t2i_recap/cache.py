@@ -88,6 +88,7 @@ class FeatureEncoder:
         self.store_dtype = DTYPES[cfg.dtype]
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+        self.buckets: list[tuple[int, int]] | None = None  # data.aspect_buckets: t2i_recap.buckets.enable_buckets
 
     @property
     def device(self) -> torch.device:
@@ -112,6 +113,7 @@ class FeatureEncoder:
             "resolution": data.resolution,
             "captions": data.caption_fingerprint(),
             "image_extensions": data.image_extensions,
+            **({"aspect_buckets": [list(b) for b in self.buckets]} if self.buckets else {}),
         }
 
     def _text_identity(self) -> dict:
@@ -197,20 +199,54 @@ def shard_is_fresh(path: Path, fp_hash: str, stat: dict, content=None) -> bool:
     return content is not None and meta.get("content") == json.dumps(content(), sort_keys=True)
 
 
-def _batches(source, index: int, size: int, stats: dict) -> Iterator[dict]:
-    chunk = []
-    for rec in source.records(index):
-        ex = source.decode(rec)
+def _batches(source, index: int, size: int, stats: dict) -> Iterator[tuple[list[int], int | None, dict]]:
+    """(row positions in shard order, aspect bucket or None, collated batch); with aspect buckets
+    each batch holds one bucket's samples, decoded at its size."""
+    buckets = getattr(source, "buckets", None)
+    chunks: dict[int | None, list] = {}
+    for pos, rec in enumerate(source.records(index)):
+        b = source.bucket_of(rec) if buckets else None
+        ex = source.decode(rec, buckets[b]) if b is not None else source.decode(rec)
         if isinstance(ex, Skip):
             log.warning("cache: skipping sample %s of %s: %s", ex.key, ex.shard, ex.reason)
             stats["skipped"] += 1
             continue
-        chunk.append(ex)
+        if buckets and b is None:
+            raise RuntimeError(f"sample {rec.key} of {rec.shard}: its image header gives no size, yet it decodes")
+        chunk = chunks.setdefault(b, [])
+        chunk.append((pos, ex))
         if len(chunk) == size:
-            yield collate(chunk)
-            chunk = []
-    if chunk:
-        yield collate(chunk)
+            yield [p for p, _ in chunk], b, collate([e for _, e in chunk])
+            chunks[b] = []
+    for b, chunk in chunks.items():
+        if chunk:
+            yield [p for p, _ in chunk], b, collate([e for _, e in chunk])
+
+
+LATENTS = ("mean", "logvar")
+
+
+def _bucketed_tensors(parts: list[tuple[list[int], int, dict]], buckets: list[tuple[int, int]]) -> dict:
+    """One file's tensors with aspect buckets: the latents of each bucket stacked as `mean@HxW` (and
+    `logvar@HxW`), every other tensor one row per sample in shard order, plus `bucket` (the row's
+    bucket index) and `bucket_row` (its row in that bucket's latents)."""
+    positions = torch.tensor([p for pos, _, _ in parts for p in pos])
+    order = torch.argsort(positions)
+    bucket = torch.tensor([b for pos, b, _ in parts for _ in pos], dtype=torch.int32)
+    bucket_row = torch.empty(len(positions), dtype=torch.int32)
+    filled: dict[int, int] = {}
+    start = 0
+    for pos, b, _ in parts:
+        bucket_row[start:start + len(pos)] = torch.arange(filled.get(b, 0), filled.get(b, 0) + len(pos))
+        filled[b] = filled.get(b, 0) + len(pos)
+        start += len(pos)
+    out = {k: torch.cat([f[k] for _, _, f in parts])[order].contiguous() for k in parts[0][2] if k not in LATENTS}
+    out.update(bucket=bucket[order].contiguous(), bucket_row=bucket_row[order].contiguous())
+    for k in (k for k in LATENTS if k in parts[0][2]):
+        for b in sorted(filled):
+            h, w = buckets[b]
+            out[f"{k}@{h}x{w}"] = torch.cat([f[k] for _, pb, f in parts if pb == b]).contiguous()
+    return out
 
 
 def build_shard(encoder: FeatureEncoder, source, index: int, path: Path, fp_hash: str) -> dict:
@@ -218,25 +254,30 @@ def build_shard(encoder: FeatureEncoder, source, index: int, path: Path, fp_hash
     names = getattr(source, "caption_names", CAPTIONS)
     stats = {"rows": 0, "skipped": 0, **{f"{name}_truncated": 0 for name in names}}
     before, content = source.shard_stat(index), source.shard_content(index)
-    keys: list[str] = []
-    parts: list[dict] = []
-    for batch in _batches(source, index, encoder.cfg.encode_batch_size, stats):
+    buckets = getattr(source, "buckets", None)
+    keys: dict[int, str] = {}
+    parts: list[tuple[list[int], int | None, dict]] = []
+    for positions, b, batch in _batches(source, index, encoder.cfg.encode_batch_size, stats):
         feats = encoder.encode_batch(batch, names)
-        keys.extend(batch["key"])
-        parts.append(feats)
+        keys.update(zip(positions, batch["key"]))
+        parts.append((positions, b, feats))
         for name in names:
             stats[f"{name}_truncated"] += int(feats[f"{name}_truncated"].sum())
     stats["rows"] = len(keys)
     if not parts:
         raise RuntimeError(f"shard {source.shards[index]} has no usable samples; cannot cache it")
-    tensors = {k: torch.cat([p[k] for p in parts]).contiguous() for k in parts[0]}
+    if buckets:
+        tensors = _bucketed_tensors(parts, buckets)
+    else:
+        tensors = {k: torch.cat([f[k] for _, _, f in parts]).contiguous() for k in parts[0][2]}
     tensors = {k: (v.to(torch.uint8) if v.dtype == torch.bool else v) for k, v in tensors.items()}
     if source.shard_stat(index) != before:
         raise RuntimeError(f"shard {source.shards[index]} (or its sidecar) changed while its features were "
                            "computed (still being written?); run again once it is complete")
     meta = {"fingerprint": fp_hash, "source": json.dumps(before, sort_keys=True),
             "content": json.dumps(content, sort_keys=True),
-            "keys": json.dumps(keys), "stats": json.dumps(stats)}
+            "keys": json.dumps([keys[p] for p in sorted(keys)]), "stats": json.dumps(stats),
+            **({"buckets": json.dumps([list(b) for b in buckets])} if buckets else {})}
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return stats
@@ -310,10 +351,14 @@ class CacheSource:
         self.files = [_shard_file(self.dir, s) for s in self.shards]
         self._keys: dict[int, list[str]] = {}
         self._handles: dict[int, object] = {}
+        self.buckets: list[tuple[int, int]] | None = None  # data.aspect_buckets: the (height, width) bins
         for f in self.files:
             with safe_open(str(f), "pt") as h:
-                if (h.metadata() or {}).get("fingerprint") != fp_hash:
+                meta = h.metadata() or {}
+                if meta.get("fingerprint") != fp_hash:
                     raise RuntimeError(f"cache file {f} does not match the current fingerprint; run t2i-recap prepare")
+                if "buckets" in meta:  # the fingerprint holds the table, so every file has the same one
+                    self.buckets = [tuple(b) for b in json.loads(meta["buckets"])]
 
     def keys(self, index: int) -> list[str]:
         if index not in self._keys:
@@ -325,11 +370,28 @@ class CacheSource:
         for row, key in enumerate(self.keys(index)):
             yield Record(self.shards[index], key, (index, row))
 
-    def decode(self, rec: Record) -> dict:
-        index, row = rec.payload
+    def _mapped(self, index: int) -> dict:
         if index not in self._handles:  # mapped lazily, per process (DataLoader workers)
             self._handles[index] = mmap_tensors(self.files[index])
-        out = {name: row_of(arr, dtype, row) for name, (arr, dtype) in self._handles[index].items()}
+        return self._handles[index]
+
+    def bucket_of(self, rec: Record) -> int:
+        index, row = rec.payload
+        return int(self._mapped(index)["bucket"][0][row])
+
+    def decode(self, rec: Record, size: tuple[int, int] | None = None) -> dict:
+        """A cached row; `size` is not used (with aspect buckets the latents are stored at their bucket's size)."""
+        index, row = rec.payload
+        mapped = self._mapped(index)
+        if "bucket" in mapped:
+            h, w = self.buckets[int(mapped["bucket"][0][row])]
+            brow = int(mapped["bucket_row"][0][row])
+            out = {name: row_of(arr, dtype, brow) for name in LATENTS if f"{name}@{h}x{w}" in mapped
+                   for arr, dtype in [mapped[f"{name}@{h}x{w}"]]}
+            out.update({name: row_of(arr, dtype, row) for name, (arr, dtype) in mapped.items()
+                        if "@" not in name and name not in ("bucket", "bucket_row")})
+        else:
+            out = {name: row_of(arr, dtype, row) for name, (arr, dtype) in mapped.items()}
         for name in [k[len("has_"):] for k in out if k.startswith("has_")]:
             out[f"has_{name}"] = out[f"has_{name}"].bool()
             out[f"{name}_truncated"] = out[f"{name}_truncated"].bool()

@@ -20,7 +20,8 @@ over ranks (by shard, or by sample when there are fewer shards than ranks), and 
 seeded shuffle buffer. A batch carries the cursor (epoch, offset) of the record after it; restarting
 the stream at a saved cursor gives exactly the batches an uninterrupted run would have seen.
 DataLoader workers take whole batches in turn (batch b -> worker b % num_workers), so the batch
-order does not depend on the number of workers.
+order does not depend on the number of workers. With data.aspect_buckets the same stream is grouped
+into one-bucket micro-batches (t2i_recap.buckets) and the cursor counts micro-batches of the epoch.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from t2i_recap.buckets import BucketBatcher, header_size, nearest_bucket, upright_size
 from t2i_recap.caption_specs import (DERIVED_VERSIONS, WEBDATASET_COLUMNS, CaptionSpecError, SampleView, SpecCoverage, caption_order,
                                      parse_spec, resolve_named)
 from t2i_recap.images import BadImage, decode_image, decode_pil
@@ -53,7 +55,7 @@ _CAPTIONED = CAPTIONED  # sidecar statuses of a usable recaption (skipped/failed
 FLAGGED = "recaption flagged by the captioner"  # the reason of a sample dropped by data.flagged_recaptions=drop
 # Example / batch / feature keys that are not caption names.
 RESERVED_NAMES = ("key", "pixels", "cursor", "skipped", "mean", "logvar", "emb", "mask", "empty", "source",
-                  "flagged_recaption", "dropped_flagged")
+                  "flagged_recaption", "dropped_flagged", "bucket", "bucket_row", "bucket_remainder")
 
 
 @dataclasses.dataclass
@@ -85,7 +87,15 @@ class DataConfig:
     image_extensions: list[str] = dataclasses.field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
     """Tar member extensions tried, in order, for the image."""
     resolution: int = 256
-    """Training resolution: shorter side resized to it, then centre-cropped square."""
+    """Training resolution: shorter side resized to it, then centre-cropped square (with aspect_buckets:
+    the bins are about resolution x resolution pixels each)."""
+    aspect_buckets: bool = False
+    """Aspect-ratio buckets (t2i_recap/buckets.py): each image trains at the PixArt bin nearest its aspect
+    ratio (scaled to `resolution`), resized to cover it with a minimal centre crop; every micro-batch
+    holds one bin. The DiT trains and generates at every bin."""
+    bucket_multiple: int | None = None
+    """With aspect_buckets: each bin side is a multiple of this many pixels (None: the latent patch, VAE
+    downsampling x DiT patch size; a set value must be a multiple of it)."""
     random_flip: bool = False
     """Horizontal flips; off by default because captions say "left" and "right"."""
     shuffle_buffer: int = 1000
@@ -128,6 +138,11 @@ class DataConfig:
                              "e.g. data.recaption: released:re_caption)")
         if self.sources:
             check_sources(self)
+        if self.aspect_buckets and self.sources:
+            raise ValueError("data.aspect_buckets is not supported with data.sources yet; bucket a single shard set "
+                             "(data.shards or data.hf_dataset)")
+        if self.bucket_multiple is not None and self.bucket_multiple < 1:
+            raise ValueError(f"data.bucket_multiple must be >= 1, got {self.bucket_multiple}")
         if self.flagged_recaptions not in (None, "keep", "drop", "fallback"):
             raise ValueError(f"data.flagged_recaptions must be keep, drop or fallback, got {self.flagged_recaptions!r}")
         if self.shuffle_buffer < 1 or self.hf_rows_per_shard < 1 or self.num_workers < 0:
@@ -181,11 +196,13 @@ def _clean(text: Any) -> str | None:
     return text or None
 
 
-def load_image(data: bytes | Image.Image, resolution: int) -> torch.Tensor:
-    """The captioner's decode (EXIF orientation, RGB, 16-bit rescaled, alpha on white), resize + centre-crop -> (3, R, R) in [-1, 1]."""
+def load_image(data: bytes | Image.Image, resolution: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """The captioner's decode (EXIF orientation, RGB, 16-bit rescaled, alpha on white), resize to cover
+    + centre-crop -> (3, H, W) in [-1, 1]; (H, W) = `size` (an aspect bucket) or (R, R)."""
     img = (decode_pil(data) if isinstance(data, Image.Image) else decode_image(data)).image
-    if img.size != (resolution, resolution):
-        img = ImageOps.fit(img, (resolution, resolution), Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+    height, width = size or (resolution, resolution)
+    if img.size != (width, height):
+        img = ImageOps.fit(img, (width, height), Image.Resampling.BICUBIC, centering=(0.5, 0.5))
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
@@ -285,7 +302,16 @@ class WebDatasetSource:
         except CaptionSpecError as exc:
             return str(exc)
 
-    def decode(self, rec: Record) -> dict | Skip:
+    buckets: list[tuple[int, int]] | None = None  # (height, width) bins; set by t2i_recap.buckets.enable_buckets
+
+    def bucket_of(self, rec: Record) -> int | None:
+        """The aspect bucket of a sample, from its image header (None: no readable image; decode says why)."""
+        raw = rec.payload[0]
+        ext = None if raw.error else next((e for e in self.cfg.image_extensions if e in raw.files), None)
+        size = header_size(raw.files[ext]) if ext else None
+        return nearest_bucket(*size, self.buckets) if size else None
+
+    def decode(self, rec: Record, size: tuple[int, int] | None = None) -> dict | Skip:
         raw, row, released = rec.payload
         if raw.error:
             return Skip(rec.key, rec.shard, raw.error)
@@ -298,7 +324,7 @@ class WebDatasetSource:
         flag = flag_reason(row)
         if flag and self.cfg.flagged_recaptions == "drop":
             return Skip(rec.key, rec.shard, f"{FLAGGED} ({flag}); data.flagged_recaptions=drop")
-        return _example(rec, raw.files[ext], captions, self.cfg.resolution, bool(flag))
+        return _example(rec, raw.files[ext], captions, self.cfg.resolution, bool(flag), size)
 
     def is_dropped(self, rec: Record) -> bool:
         """True for a sample data.flagged_recaptions=drop leaves out (known without decoding it)."""
@@ -400,25 +426,38 @@ class HFDatasetSource:
         coverage.finish()  # before any of the shard trains: a spec that finds nothing is a config error
         yield from records
 
-    def decode(self, rec: Record) -> dict | Skip:
+    buckets: list[tuple[int, int]] | None = None  # (height, width) bins; set by t2i_recap.buckets.enable_buckets
+
+    def _image(self, i: int):
+        image = self.ds[i][self.image_column]
+        return image.get("bytes") if isinstance(image, dict) else image
+
+    def bucket_of(self, rec: Record) -> int | None:
+        """The aspect bucket of a row's image (opened lazily: its header only); None: no usable image."""
+        i, captions = rec.payload
+        image = None if isinstance(captions, str) else self._image(i)
+        if image is None:
+            return None
+        size = upright_size(image) if isinstance(image, Image.Image) else header_size(image)
+        return nearest_bucket(*size, self.buckets) if size else None
+
+    def decode(self, rec: Record, size: tuple[int, int] | None = None) -> dict | Skip:
         i, captions = rec.payload
         if isinstance(captions, str):
             return Skip(rec.key, rec.shard, captions)
-        image = self.ds[i][self.image_column]
-        if isinstance(image, dict):
-            image = image.get("bytes")
+        image = self._image(i)
         if image is None:
             return Skip(rec.key, rec.shard, "no image")
-        return _example(rec, image, captions, self.cfg.resolution)
+        return _example(rec, image, captions, self.cfg.resolution, size=size)
 
 
 def _example(rec: Record, image, captions: dict[str, str | None], resolution: int,
-             flagged: bool = False) -> dict | Skip:
+             flagged: bool = False, size: tuple[int, int] | None = None) -> dict | Skip:
     if all(text is None for text in captions.values()):
         return Skip(rec.key, rec.shard, "neither an original caption nor a recaption" if len(captions) == 2 else
                     f"none of the captions {', '.join(captions)}")
     try:
-        pixels = load_image(image, resolution)
+        pixels = load_image(image, resolution, size)
     except (BadImage, OSError, ValueError, Image.DecompressionBombError) as exc:
         return Skip(rec.key, rec.shard, f"image does not decode: {exc}")
     return {"key": rec.key, "pixels": pixels, **captions, "flagged_recaption": torch.tensor(flagged)}
@@ -484,13 +523,19 @@ class BatchStream(torch.utils.data.IterableDataset):
     """Batches of one rank's stream; each carries "cursor" (resume point) and "skipped" (bad samples)."""
 
     def __init__(self, source, *, batch_size: int, seed: int, rank: int, world: int, buffer: int,
-                 start: tuple[int, int] = (0, 0), random_flip: bool = False) -> None:
+                 start: tuple[int, int] = (0, 0), random_flip: bool = False, bucketed: bool = False) -> None:
         self.source, self.batch_size, self.seed, self.random_flip = source, batch_size, seed, random_flip
         self.rank, self.world, self.buffer, self.start = rank, world, buffer, tuple(start)
+        self.bucketed = bucketed
+        if bucketed and not getattr(source, "buckets", None):
+            raise ValueError("a bucketed stream needs a source with aspect buckets (t2i_recap.buckets.enable_buckets)")
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if self.bucketed:
+            yield from self._bucketed(worker, workers)
+            return
         kw = dict(seed=self.seed, rank=self.rank, world=self.world, buffer=self.buffer, start=self.start)
         mixed = getattr(self.source, "mixed_records", None)  # data.sources
         stream = mixed(**kw) if mixed is not None else rank_records(self.source, **kw)
@@ -520,10 +565,67 @@ class BatchStream(torch.utils.data.IterableDataset):
             chunk.append((cursor, rec))
         return chunk, left_out
 
-    def _batch(self, chunk: list) -> dict:
+    def _bucketed(self, worker: int, workers: int) -> Iterator[dict]:
+        """Micro-batches of one aspect bucket each (t2i_recap.buckets.BucketBatcher). The cursor is
+        (epoch, micro-batches of that epoch so far): a resumed run replays its epoch from the start,
+        reading headers only, and skips the micro-batches it trained."""
+        epoch, done = self.start
+        stream = rank_records(self.source, seed=self.seed, rank=self.rank, world=self.world, buffer=self.buffer,
+                              start=(epoch, 0))
+        dropped = getattr(self.source, "is_dropped", None)
+        pending = {"left_out": 0, "skipped": [], "remainder": 0}
+
+        def kept() -> Iterator:
+            for cursor, rec in stream:
+                if dropped is not None and dropped(rec):
+                    pending["left_out"] += 1
+                    continue
+                yield cursor, rec
+
+        table, count, current, b = self.source.buckets, 0, epoch, 0
+        for item in BucketBatcher(kept(), self.source.bucket_of, self.batch_size):
+            if item[0] == "remainder":
+                if item[2]:
+                    log.info("epoch %d: %d samples left in aspect buckets that did not fill a micro-batch",
+                             item[1], item[2])
+                pending["remainder"] += item[2]
+                continue
+            ep, index, chunk = item
+            if ep != current:
+                current, count = ep, 0
+            replaying = (ep, count) < (epoch, done)
+            if index is None:  # no readable image: its decode says why, and it is counted as skipped
+                if not replaying:
+                    pending["skipped"].append(self._unreadable(chunk[0][1]))
+                continue
+            count += 1
+            if replaying:
+                pending = {"left_out": 0, "skipped": [], "remainder": 0}
+                continue
+            mine, b = b % workers == worker, b + 1
+            if mine:
+                batch = self._batch(chunk, size=table[index])
+                batch["cursor"] = [ep, count]
+                batch["skipped"] += len(pending["skipped"])
+                batch["dropped_flagged"] += pending["left_out"] + sum(s.reason.startswith(FLAGGED)
+                                                                      for s in pending["skipped"])
+                batch["bucket_remainder"] = pending["remainder"]
+                batch["bucket"] = "x".join(map(str, table[index]))
+            pending = {"left_out": 0, "skipped": [], "remainder": 0}
+            if mine:
+                yield batch
+
+    def _unreadable(self, rec: Record) -> Skip:
+        ex = self.source.decode(rec)
+        if not isinstance(ex, Skip):
+            raise RuntimeError(f"sample {rec.key} of {rec.shard}: its image header gives no size, yet it decodes")
+        log.warning("skipping sample %s of %s: %s", ex.key, ex.shard, ex.reason)
+        return ex
+
+    def _batch(self, chunk: list, size: tuple[int, int] | None = None) -> dict:
         good, skipped = [], []
         for cursor, rec in chunk:
-            ex = self.source.decode(rec)
+            ex = self.source.decode(rec) if size is None else self.source.decode(rec, size)
             if isinstance(ex, Skip):
                 log.warning("skipping sample %s of %s: %s", ex.key, ex.shard, ex.reason)
                 skipped.append(ex)
@@ -542,9 +644,10 @@ class BatchStream(torch.utils.data.IterableDataset):
 
 
 def make_loader(source, *, batch_size: int, seed: int, rank: int, world: int, buffer: int,
-                num_workers: int, start: tuple[int, int] = (0, 0), random_flip: bool = False) -> torch.utils.data.DataLoader:
+                num_workers: int, start: tuple[int, int] = (0, 0), random_flip: bool = False,
+                bucketed: bool = False) -> torch.utils.data.DataLoader:
     stream = BatchStream(source, batch_size=batch_size, seed=seed, rank=rank, world=world, buffer=buffer,
-                         start=start, random_flip=random_flip)
+                         start=start, random_flip=random_flip, bucketed=bucketed)
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
                                        persistent_workers=num_workers > 0, worker_init_fn=_ignore_stop_signals)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import inspect
 import json
 import sys
@@ -117,19 +116,15 @@ def extend_clip_positions(model, length: int):
 
 
 def trained_buckets(cfg, multiple: int) -> tuple[bool, list[list[int]] | None]:
-    """(whether the run trained on aspect-ratio buckets, their (height, width) sizes in pixels).
-
-    The sizes come from `t2i_recap.buckets.bucket_table(resolution, multiple)`, the table training
-    drew from; None when this t2i-recap has no such table (the card then says so)."""
+    """(whether the run trained on aspect-ratio buckets, their (height, width) sizes in pixels): the
+    table training drew from, `t2i_recap.buckets.bucket_table` at data.bucket_multiple or the latent
+    patch `multiple`."""
     if not getattr(cfg.data, "aspect_buckets", False):
         return False, None
-    try:
-        table = importlib.import_module("t2i_recap.buckets").bucket_table
-    except (ImportError, AttributeError):
-        log.warning("the run trained with data.aspect_buckets but t2i_recap.buckets.bucket_table is missing: the "
-                    "export lists no bucket sizes")
-        return True, None
-    return True, [[int(h), int(w)] for h, w in table(cfg.data.resolution, multiple)]
+    from t2i_recap.buckets import bucket_table
+
+    table = bucket_table(cfg.data.resolution, cfg.data.bucket_multiple or multiple)
+    return True, [[int(h), int(w)] for h, w in table]
 
 
 def _bucket_lines(settings: dict) -> list[str]:
@@ -137,9 +132,6 @@ def _bucket_lines(settings: dict) -> list[str]:
     buckets = settings.get("buckets")
     if not settings.get("aspect_buckets"):
         return []
-    if not buckets:
-        return ["This model was trained on aspect-ratio buckets (data.aspect_buckets), but the t2i-recap that "
-                "exported it had no bucket table, so the sizes are not listed here.", ""]
     h, w = max(buckets, key=lambda s: (s[1] / s[0], s[1]))  # the widest bucket as the example
     sizes = ", ".join(f"{bh}x{bw}" for bh, bw in buckets)
     return ["This model was trained on aspect-ratio buckets (data.aspect_buckets): each image at the "

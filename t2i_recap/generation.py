@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -117,17 +118,24 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], *, num_inference
 
 def check_size(height: int, width: int, multiple: int, what: str = "generate_images") -> None:
     """Each side must be a positive multiple of the latent patch in pixels (`multiple`: VAE
-    downsampling x DiT patch size); the pipeline would otherwise floor the latent and the
-    transformer fail on a ragged patch grid. The trainer can call it before its first step."""
+    downsampling x DiT patch size; the pipeline would otherwise floor the latent and the transformer
+    fail on a ragged patch grid) and of 8 (PixArtAlphaPipeline.check_inputs refuses anything else).
+    The trainer calls it before its first step."""
+    step = math.lcm(multiple, 8)
     for name, value in (("height", height), ("width", width)):
-        if value < 1 or value % multiple:
-            raise ValueError(f"{what}: {name}={value} px is not a positive multiple of {multiple} px "
-                             "(VAE downsampling x DiT patch size)")
+        if value < 1 or value % step:
+            raise ValueError(f"{what}: {name}={value} px is not a positive multiple of {step} px (the latent patch, "
+                             f"VAE downsampling x DiT patch size = {multiple} px, and PixArtAlphaPipeline's 8 px)")
+
+
+def latent_patch(pipe) -> int:
+    """The latent patch of a pipeline in pixels: VAE downsampling x DiT patch size."""
+    config = getattr(getattr(pipe, "transformer", None), "config", None)
+    return getattr(pipe, "vae_scale_factor", 8) * (getattr(config, "patch_size", None) or 1)
 
 
 def _check_size(pipe, height: int, width: int) -> None:
-    config = getattr(getattr(pipe, "transformer", None), "config", None)
-    check_size(height, width, getattr(pipe, "vae_scale_factor", 8) * (getattr(config, "patch_size", None) or 1))
+    check_size(height, width, latent_patch(pipe))
 
 
 def _prompt_embeds(pipe, prompts: list[str], guidance: bool, max_sequence_length: int,

@@ -73,6 +73,10 @@ class MixCounts:
     """Samples trained whose recaption the captioner flagged (data.flagged_recaptions keep or fallback)."""
     dropped_flagged: int = 0
     """Samples not trained because their recaption was flagged (data.flagged_recaptions=drop)."""
+    buckets: dict[str, int] = dataclasses.field(default_factory=dict)
+    """data.aspect_buckets: samples trained per bucket ("HxW" in pixels)."""
+    bucket_remainder: int = 0
+    """data.aspect_buckets: samples left out at an epoch's end in buckets that did not fill a micro-batch."""
 
     def __post_init__(self) -> None:
         if not self.chosen and (self.original or self.recaption):  # counts saved before named captions

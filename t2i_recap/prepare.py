@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from t2i_recap import cache
     from t2i_recap.caption_specs import CaptionSpecError
+    from t2i_recap.buckets import enable_buckets
     from t2i_recap.data import build_source
     from t2i_recap.sidecar_join import RecaptionCoverageError, SidecarMismatchError
 
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
     encoder = cache.FeatureEncoder(cfg.features, cfg.text_encoder, device)
     source = build_source(cfg.data)
+    enable_buckets(cfg, encoder, source)  # data.aspect_buckets: the table is part of the fingerprint
     fp_hash = cache.fingerprint_hash(encoder.fingerprint(cfg.data))
     if rank == 0:
         cache.write_fingerprint(encoder, cfg.data, cfg.features.cache_dir)

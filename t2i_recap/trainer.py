@@ -29,10 +29,11 @@ from t2i_recap import cache as feature_cache
 from t2i_recap import fsdp, storage, tracking
 from t2i_recap.checkpoint import Checkpointer, ResumeConfigError, check_resume_config, rng_state, set_rng_state
 from t2i_recap.config import save_config, to_dict
+from t2i_recap.buckets import enable_buckets, latent_patch
 from t2i_recap.data import build_source, make_loader
 from t2i_recap.ema import EMA
 from t2i_recap.fast_dit import make_fast
-from t2i_recap.generation import generate_images, image_grid
+from t2i_recap.generation import check_size, generate_images, image_grid, validation_size
 from t2i_recap.io import atomic_write_text
 from t2i_recap.logging_utils import get_logger
 from t2i_recap.lr_schedule import diffusers_name, lr_factor
@@ -241,6 +242,9 @@ class Trainer:
             log.info("--resume auto: no checkpoint in %s; starting fresh", self.ckpt.dir)
         torch.manual_seed(t.seed + self.rank)
         self.encoder = feature_cache.FeatureEncoder(cfg.features, cfg.text_encoder, self.acc.device)
+        if cfg.validation.every_steps >= 0:  # a size the pipeline refuses is found now, not at the first validation
+            check_size(*validation_size(cfg.validation, cfg.data.resolution), latent_patch(cfg, self.encoder),
+                       "validation")
         self.source, self.empty = self._data()
         self.empty_dev = {k: v.to(self.acc.device) for k, v in self.empty.items()}  # copied once, not every step
         latent_size = cfg.data.resolution // self.encoder.downsample
@@ -306,7 +310,12 @@ class Trainer:
     def _data(self):
         """The batch source (cached features or raw samples) and the empty-caption features."""
         cfg, acc = self.cfg, self.acc
-        raw, self.heldout = split_holdout(build_source(cfg.data), cfg.validation, cfg.data)
+        raw = build_source(cfg.data)
+        self.buckets = enable_buckets(cfg, self.encoder, raw)  # before the split: both halves read the same table
+        if self.buckets:
+            log.info("aspect buckets: %d bins (height x width) %s", len(self.buckets),
+                     ", ".join(f"{h}x{w}" for h, w in self.buckets))
+        raw, self.heldout = split_holdout(raw, cfg.validation, cfg.data)
         if not cfg.features.cache_dir:
             return raw, self.encoder.empty()
         cache_dir = Path(cfg.features.cache_dir)
@@ -347,6 +356,11 @@ class Trainer:
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
         if state["world_size"] == self.world:
             self.cursor = tuple(state["ranks"][self.rank]["cursor"])
+            if bool(state.get("config", {}).get("data", {}).get("aspect_buckets")) != bool(self.buckets):
+                # the cursor counts samples without buckets and micro-batches with them: not comparable
+                log.warning("data.aspect_buckets changed since the checkpoint (allowed by --resume-allow-changes): "
+                            "the data stream restarts at the beginning of epoch %d", self.cursor[0])
+                self.cursor = (self.cursor[0], 0)
             set_rng_state(state["ranks"][self.rank]["rng"])
         else:  # cursors are per rank; with another world size, restart the data at the next epoch
             epoch = max(r["cursor"][0] for r in state["ranks"]) + 1
@@ -443,6 +457,9 @@ class Trainer:
             self.cursor = tuple(batch["cursor"])
             self.counts.add(counts)
             self.counts.dropped_flagged += int(batch.get("dropped_flagged", 0))
+            if "bucket" in batch:  # data.aspect_buckets
+                self.counts.buckets[batch["bucket"]] = self.counts.buckets.get(batch["bucket"], 0) + len(batch["key"])
+                self.counts.bucket_remainder += int(batch["bucket_remainder"])
             for k, v in trunc.items():
                 self.truncated[k] += v
                 self.truncated["chosen"] += v
@@ -613,6 +630,7 @@ class Trainer:
         from diffusers import PixArtAlphaPipeline
 
         v = self.cfg.validation
+        height, width = validation_size(v, self.cfg.data.resolution)
         model.eval()
         with self.ema.applied(model) if self.ema else nullcontext():
             pipe = PixArtAlphaPipeline(tokenizer=self.encoder.text.tokenizer, text_encoder=self.encoder.text.model,
@@ -623,7 +641,7 @@ class Trainer:
             images = generate_images(pipe, prompts, seeds, num_inference_steps=v.num_inference_steps,
                                      guidance_scale=v.guidance_scale, resolution=self.cfg.data.resolution,
                                      max_sequence_length=self.encoder.text.max_length, batch_size=v.batch_size,
-                                     text_chunks=self.encoder.text.chunks)
+                                     text_chunks=self.encoder.text.chunks, height=height, width=width)
         fsdp.reshard(model)  # under FSDP, drop the EMA weights the root module kept gathered
         model.train()
         return images
@@ -646,7 +664,7 @@ class Trainer:
         t = self.cfg.trainer
         loader = make_loader(self.source, batch_size=t.micro_batch_size, seed=t.seed, rank=self.rank, world=self.world,
                              buffer=self.cfg.data.shuffle_buffer, num_workers=self.cfg.data.num_workers,
-                             start=self.cursor, random_flip=self.cfg.data.random_flip)
+                             start=self.cursor, random_flip=self.cfg.data.random_flip, bucketed=bool(self.buckets))
         pin_loader(loader, self.acc.device)
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step",
                    disable=not self.acc.is_local_main_process, dynamic_ncols=True)

@@ -46,8 +46,8 @@ class ShardSubset:
     def sidecar_file(self, index: int):
         return self._source.sidecar_file(self._indices[index])
 
-    def decode(self, rec):
-        return self._source.decode(rec)
+    def decode(self, rec, size: tuple[int, int] | None = None):
+        return self._source.decode(rec) if size is None else self._source.decode(rec, size)
 
     def __getattr__(self, name: str):  # cfg, specs, caption names: what does not depend on a shard number
         return getattr(self._source, name)

@@ -197,3 +197,35 @@ def build_clip_tokenizer(out: Path) -> Path:
 def real_clip_tokenizer_dir(tmp_path_factory):
     """A CLIPTokenizer folder holding the real CLIP BPE vocabulary (49,408 tokens)."""
     return build_clip_tokenizer(tmp_path_factory.mktemp("real_clip_tokenizer"))
+
+
+# ---------------------------------------------------------------- photographs of mixed aspect ratios
+
+# (name, aspect w:h, stored with EXIF orientation 6): the upright photo of each is `aspect`.
+BUCKET_ASPECTS = {"wide": (2, 1), "tall": (1, 2), "square": (1, 1), "four_three": (4, 3)}
+
+
+def bucket_photos() -> dict[str, bytes]:
+    """Real photographs cut to four aspect ratios (short side 48 px); three of the tall ones are stored
+    turned, with EXIF orientation 6, as a phone writes a portrait photo."""
+    from PIL import Image, ImageOps
+
+    files = {}
+    for i, (name, arr) in enumerate(sorted(_photos().items())):
+        photo = Image.fromarray(arr).convert("RGB")
+        for aspect, (w, h) in BUCKET_ASPECTS.items():
+            if aspect == "four_three" and i == 5:
+                continue  # 23 samples: the 4:3 bucket cannot fill its last micro-batch of 2
+            scale = 48 / min(w, h)
+            img = ImageOps.fit(photo, (round(w * scale), round(h * scale)), Image.Resampling.BICUBIC)
+            data = exif_rotated_jpeg(img) if aspect == "tall" and i % 2 else _encode(img, "JPEG", quality=92)
+            files[f"{name}_{aspect}.jpg"] = data
+    return files
+
+
+@pytest.fixture(scope="session")
+def bucket_shards(tmp_path_factory):
+    """One img2dataset webdataset shard (downloaded over 127.0.0.1) of 23 real photos: 6 wide (2:1),
+    6 tall (1:2, three of them EXIF-rotated), 6 square, 5 at 4:3."""
+    root = tmp_path_factory.mktemp("bucket_shards")
+    return img2dataset_shards(bucket_photos(), root / "shards", "jpg", root / "work")

@@ -92,11 +92,11 @@ def test_export_of_a_square_run_records_no_buckets(export_dir):
     assert "aspect-ratio buckets" not in (export_dir / "README.md").read_text()
 
 
-def test_card_lists_the_buckets_of_a_bucketed_run(monkeypatch):
+def test_card_lists_the_buckets_of_a_bucketed_run():
+    from t2i_recap import buckets
     from t2i_recap import export as ex
 
-    buckets = pytest.importorskip("t2i_recap.buckets", reason="t2i_recap.buckets (the bucket table) is not present")
-    cfg = types.SimpleNamespace(data=types.SimpleNamespace(aspect_buckets=True, resolution=32))
+    cfg = types.SimpleNamespace(data=types.SimpleNamespace(aspect_buckets=True, resolution=32, bucket_multiple=None))
     on, sizes = ex.trained_buckets(cfg, 4)
     assert on and sizes == [list(s) for s in buckets.bucket_table(32, 4)] and [32, 32] in sizes
     lines = "\n".join(ex._bucket_lines({"aspect_buckets": True, "buckets": sizes}))
@@ -104,13 +104,8 @@ def test_card_lists_the_buckets_of_a_bucketed_run(monkeypatch):
     assert w > h and f"pipe({ex.PROMPT!r}, height={h}, width={w}, use_resolution_binning=False)" in lines
     assert all(f"{a}x{b}" in lines for a, b in sizes)
     assert ex.trained_buckets(types.SimpleNamespace(data=types.SimpleNamespace(resolution=32)), 4) == (False, None)
-
-    def missing(name):
-        raise ImportError(name)
-
-    monkeypatch.setattr(ex.importlib, "import_module", missing)
-    assert ex.trained_buckets(cfg, 4) == (True, None)  # said in the card, not silently square
-    assert "sizes are not listed" in "\n".join(ex._bucket_lines({"aspect_buckets": True, "buckets": None}))
+    cfg.data.bucket_multiple = 8  # the table training drew from: data.bucket_multiple when set
+    assert ex.trained_buckets(cfg, 4)[1] == [list(s) for s in buckets.bucket_table(32, 8)]
 
 
 # ---------------------------------------------------------------- (c) generate_images
@@ -128,7 +123,7 @@ def test_generate_images_at_a_non_square_size_reproduces(eval_pipeline_dir):
     square = generate_images(pipe, [PROMPT], [0], **kw)
     assert [im.size for im in a] == [(w, h)] * 2 and tall[0].size == (h, w) and square[0].size == (EVAL_RES,) * 2
     assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))  # same prompt, seed and size: the same image
-    with pytest.raises(ValueError, match="width=26 px is not a positive multiple of 4"):
+    with pytest.raises(ValueError, match="width=26 px is not a positive multiple of 8 px"):
         generate_images(pipe, [PROMPT], [0], height=h, width=26, **kw)
 
 
@@ -136,7 +131,7 @@ def test_generate_images_at_a_non_square_size_reproduces(eval_pipeline_dir):
 
 
 def _eval_cfg(model, out, suite, **kw):
-    from evaluate.run import EvalConfig
+    from t2i_recap.evaluate.run import EvalConfig
 
     return from_dict(EvalConfig, dict(model=str(model), out=str(out), suite=str(suite), images_per_prompt=1,
                                       batch_size=4, recaption="none") | kw)
@@ -145,7 +140,7 @@ def _eval_cfg(model, out, suite, **kw):
 def test_eval_run_generates_at_the_size_asked_and_a_new_size_regenerates(tmp_path, eval_pipeline_dir):
     from fixtures_eval import EVAL_RES
 
-    from evaluate.run import parse_args, run_eval
+    from t2i_recap.evaluate.run import parse_args, run_eval
 
     suite = tmp_path / "prompts.txt"
     suite.write_text("a red circle\ntwo green triangles\n")
@@ -165,8 +160,8 @@ def test_eval_run_generates_at_the_size_asked_and_a_new_size_regenerates(tmp_pat
 
 
 def test_square_default_keeps_the_image_set_key(eval_pipeline_dir):
-    from evaluate.generate import GenSettings
-    from evaluate.imageset import set_key
+    from t2i_recap.evaluate.generate import GenSettings
+    from t2i_recap.evaluate.imageset import set_key
 
     old = GenSettings(1, 0, 2, 2.0, 24, 32, 4)
     assert set_key("d", old, None) == set_key("d", GenSettings(1, 0, 2, 2.0, 24, 32, 4, None, 24, 24), None)
@@ -176,7 +171,7 @@ def test_square_default_keeps_the_image_set_key(eval_pipeline_dir):
 
 
 def test_shapes_oracle_refuses_non_square_images(tmp_path, eval_pipeline_dir):
-    from evaluate.run import run_eval
+    from t2i_recap.evaluate.run import run_eval
 
     cfg = _eval_cfg(eval_pipeline_dir, tmp_path / "eval", "shapes", per_category=1, height=24, width=48)
     with pytest.raises(ValueError, match="shapes oracle .* reads only square images"):
@@ -196,5 +191,8 @@ def test_validation_size_and_its_checks():
     with pytest.raises(ValueError, match="validation.width must be >= 8"):
         ValidationConfig(width=0)
     check_size(16, 48, 16)
+    check_size(16, 24, 4)
+    with pytest.raises(ValueError, match="height=12 px is not a positive multiple of 8 px .*PixArtAlphaPipeline"):
+        check_size(12, 24, 4)  # a whole number of 4 px patches, but the pipeline takes multiples of 8 only
     with pytest.raises(ValueError, match="validation: width=40 px is not a positive multiple of 16 px"):
         check_size(16, 40, 16, "validation")
