@@ -55,6 +55,31 @@ def _holders(claims: Path) -> set[int]:
     return pids
 
 
+def _kill(pid: int) -> bool:
+    """SIGKILL `pid`; False when it was already gone."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _settled(fs, claims: Path, quiet: float = 2.0, limit: float = 60.0) -> dict:
+    """The sidecars (path -> ETag) once nothing writes any more: a worker that claimed a shard just
+    after the last look at the claims outlives the driver and may still upload one; it is killed
+    too, and the listing must then stay the same for `quiet` seconds."""
+    deadline, last, since = time.monotonic() + limit, None, time.monotonic()
+    while time.monotonic() < deadline:
+        alive = [pid for pid in _holders(claims) if _kill(pid)]
+        now = _sidecars(fs, "scale/sidecars")
+        if now != last or alive:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return {p: fs.info(p)["ETag"] for p in now}
+        time.sleep(0.2)
+    raise AssertionError("the sidecars kept changing after the driver and its workers were killed")
+
+
 def test_ray_captions_s3_shards_through_a_driver_kill_then_train_reads_them_from_s3(
         s3, tmp_path, captioner_shards, tiny_llava_dir, train_assets):  # noqa: F811 (the imported fixture)
     from safetensors.torch import load_file
@@ -74,12 +99,9 @@ def test_ray_captions_s3_shards_through_a_driver_kill_then_train_reads_them_from
         time.sleep(0.05)
         workers = _holders(claims)
     for pid in [driver.pid, *workers]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill(pid)
     driver.communicate()
-    before = {p: s3.info(p)["ETag"] for p in _sidecars(s3, "scale/sidecars")}
+    before = _settled(s3, claims)
     assert 1 <= len(before) < CAPTIONER_SHARDS, "the run finished before it could be killed"
 
     rerun = subprocess.run(_cli(src, out, tiny_llava_dir, claims), env=_env(), cwd=tmp_path, capture_output=True,
