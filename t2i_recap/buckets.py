@@ -59,12 +59,12 @@ def nearest_bucket(width: int, height: int, table: list[tuple[int, int]]) -> int
                                                  abs(table[i][0] * table[i][1] - width * height)))
 
 
-def header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of an encoded image as shown upright (EXIF orientations 5-8 swap the sides),
-    read from its header without decoding pixels; None when the header does not parse (the sample's
-    decode then reports why)."""
+def header_size(data: bytes | str) -> tuple[int, int] | None:
+    """(width, height) of an encoded image (its bytes, or a local file path) as shown upright (EXIF
+    orientations 5-8 swap the sides), read from its header without decoding pixels; None when the
+    header does not parse (the sample's decode then reports why)."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
             return upright_size(img)
     except Exception:  # noqa: BLE001 - a hostile header; decode_image gives the reason
         return None

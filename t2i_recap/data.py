@@ -432,10 +432,24 @@ class HFDatasetSource:
         image = self.ds[i][self.image_column]
         return image.get("bytes") if isinstance(image, dict) else image
 
+    def _header_view(self):
+        """The dataset with its image column left encoded (datasets.Image(decode=False)), so a bucket
+        lookup reads the file header instead of decoding every pixel a second time."""
+        if getattr(self, "_headers", None) is None:
+            import datasets
+
+            feature = self.ds.features.get(self.image_column)
+            self._headers = (self.ds.cast_column(self.image_column, datasets.Image(decode=False))
+                             if isinstance(feature, datasets.Image) and feature.decode else self.ds)
+        return self._headers
+
     def bucket_of(self, rec: Record) -> int | None:
-        """The aspect bucket of a row's image (opened lazily: its header only); None: no usable image."""
+        """The aspect bucket of a row's image, from its header; None: no usable image (decode says why)."""
         i, captions = rec.payload
-        image = None if isinstance(captions, str) else self._image(i)
+        image = None
+        if not isinstance(captions, str):
+            image = self._header_view()[i][self.image_column]
+            image = (image.get("bytes") or image.get("path")) if isinstance(image, dict) else image
         if image is None:
             return None
         size = upright_size(image) if isinstance(image, Image.Image) else header_size(image)

@@ -223,3 +223,22 @@ def test_training_on_buckets_resumes_exactly_and_a_cache_trains_the_same(tmp_pat
     image = pipe("a photo", height=8, width=32, num_inference_steps=2, use_resolution_binning=False,
                  max_sequence_length=settings["max_sequence_length"]).images[0]
     assert image.size == (32, 8) and [8, 32] in settings["buckets"]
+
+
+def test_the_hf_datasets_route_puts_each_sample_in_the_same_bin(bucket_shards):
+    from t2i_recap.data import HFDatasetSource
+
+    web = _source(bucket_shards)
+    hf = HFDatasetSource(DataConfig(hf_dataset="webdataset", hf_data_files=[str(bucket_shards / "00000.tar")],
+                                    resolution=RES, original_caption="json:org_caption", recaption="txt",
+                                    aspect_buckets=True))
+    hf.buckets = web.buckets
+    assert hf._header_view() is not hf.ds  # sizes from the encoded bytes, not a second decode
+    web_bins = {rec.key: web.bucket_of(rec) for rec in web.records(0)}
+    hf_bins = {}
+    for rec in hf.records(0):
+        hf_bins[rec.key] = b = hf.bucket_of(rec)
+        ex = hf.decode(rec, hf.buckets[b])
+        assert tuple(ex["pixels"].shape[1:]) == hf.buckets[b]
+    assert len(hf_bins) == N and sorted(hf_bins.values()) == sorted(web_bins.values())
+    assert len(set(hf_bins.values())) == 4
