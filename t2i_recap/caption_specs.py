@@ -9,6 +9,7 @@
   "json:recaps[1]"     element 1 of a list-valued field or column (several recaptions per image)
   "first_sentence:recaption"  derived from another NAMED caption (`t2i_recap.data`'s data.captions):
                        its first sentence
+  "no_positions:recaption"    derived: the named caption without its absolute-position phrases
 
 The routes agree because a sample is seen through one `SampleView`: a webdataset tar sample's
 members, a row that `datasets.load_dataset("webdataset", ...)` made of the same tar (its columns
@@ -182,7 +183,7 @@ _END = re.compile(r"([.!?]+)([\"')\]]*)(\s+)(?=[\"'(\[]?[A-Z0-9])")
 # An all-lower-case caption (a lower-casing captioner or tokenizer) has no capital to start the next
 # sentence: there a single ., ! or ? before a lower-case letter ends it (an ellipsis does not).
 _END_LOWER = re.compile(r"((?<!\.)\.(?!\.)|[!?]+)([\"')\]]*)(\s+)(?=[\"'(\[]?[a-z0-9])")
-DERIVED_VERSIONS = {"first_sentence": 2}
+DERIVED_VERSIONS = {"first_sentence": 2, "no_positions": 1}
 """Rule versions of the derived captions: part of the feature cache's fingerprint, so a cache made
 under an older rule is rebuilt."""
 
@@ -205,7 +206,42 @@ def first_sentence(text: str | None) -> str | None:
     return text.strip() or None
 
 
-DERIVED: dict[str, Callable[[str | None], str | None]] = {"first_sentence": first_sentence}
+# An absolute-position phrase: in/on/at/near the [very|far] [up to two of top, upper, middle, left,
+# ...] top|bottom|left|right|center|corner|side|edge|..., optionally "of the image|picture|...".
+# A phrase followed by "of" anything else is a relation ("on the left of the car") and is kept.
+_PLACE = r"(?:top|bottom|upper|lower|middle|center|centre|central|left|right|left-hand|right-hand)"
+_PLACE_END = (r"(?:top|bottom|left|right|center|centre|middle|corner|side|edge|half|part|background|"
+              r"foreground|distance)")
+_POSITION = re.compile(
+    rf"(?:\s*,)?\s*\b(?:in|on|at|near)\s+the\s+(?:(?:very|far|extreme)\s+)?(?:{_PLACE}[\s-]+){{0,2}}{_PLACE_END}"
+    r"(?:\s+(?:corner|side|edge|half|part|portion|area|region|section))?"
+    r"(?:\s+of\s+the\s+(?:image|picture|photo|photograph|frame|scene|canvas|shot))?\b(?!\s+of\b)",
+    re.IGNORECASE)
+# "X is in the center." -> "X." rather than "X is."
+_BARE_VERB = re.compile(r"\s+(?:is|are|sits|sit|lies|lie|stands|stand|is located|are located|is placed|are placed)"
+                        r"(?=\s*(?:[.,;:!?]|$))", re.IGNORECASE)
+
+
+def no_positions(text: str | None) -> str | None:
+    """`text` without its absolute-position phrases ("in the upper left corner", "at the bottom",
+    "on the right side of the image", "in the background"), the way short alt-texts leave out where
+    things are. Relations between things stay ("to the left of the cat", "on the left of the car",
+    "above the table"). An English rule over the captioner's usual phrasing, not a parser; a caption
+    that would be left empty is None (so the draw falls back, counted)."""
+    if text is None:
+        return None
+    out = _BARE_VERB.sub("", _POSITION.sub("", text))
+    out = re.sub(r"\s+([.,;:!?])", r"\1", out)
+    out = re.sub(r"([,;:])(?=[.!?])", "", out)
+    out = re.sub(r"\s{2,}", " ", out).strip()
+    out = re.sub(r"^[,;:.]\s*", "", out)
+    if out and text.lstrip()[:1].isupper():
+        out = out[0].upper() + out[1:]
+    return out if re.search(r"\w", out) else None
+
+
+DERIVED: dict[str, Callable[[str | None], str | None]] = {"first_sentence": first_sentence,
+                                                          "no_positions": no_positions}
 
 
 def caption_order(specs: Mapping[str, CaptionSpec], where: str = "data.captions") -> list[str]:

@@ -84,6 +84,10 @@ class DemoConfig:
     first_sentence_weight: float | None = None
     """Train one more p = 0 DiT whose captions are the recaption (weight 1 - W) and its first sentence
     (`first_sentence:recaption`, weight W), and add its row to the demo's table; None = not trained."""
+    no_positions_weight: float | None = None
+    """With first_sentence_weight: that run also trains on the recaption without its absolute-position
+    phrases (`no_positions:recaption`, weight V; the recaption then weighs 1 - W - V), the short,
+    placeless kind of caption that raw prompts are; None = not used."""
 
     def __post_init__(self) -> None:
         if not self.p_values or any(not 0.0 <= p <= 1.0 for p in self.p_values):
@@ -94,6 +98,12 @@ class DemoConfig:
             raise ValueError(f"sweep_seeds must be a non-empty list of distinct seeds, got {self.sweep_seeds}")
         if self.first_sentence_weight is not None and not 0.0 < self.first_sentence_weight <= 1.0:
             raise ValueError(f"first_sentence_weight must be in (0, 1], got {self.first_sentence_weight}")
+        if self.no_positions_weight is not None:
+            if self.first_sentence_weight is None:
+                raise ValueError("no_positions_weight is a caption of the first-sentence run: set first_sentence_weight too")
+            if not 0.0 < self.no_positions_weight < 1.0 or self.first_sentence_weight + self.no_positions_weight > 1.0:
+                raise ValueError(f"no_positions_weight must be in (0, 1) with first_sentence_weight + no_positions_weight "
+                                 f"<= 1, got {self.no_positions_weight} beside {self.first_sentence_weight}")
 
 
 QUICK = dict(num_web=240, num_test=24, curated_fraction=0.25, train_steps=30, train_batch_size=16,
@@ -276,27 +286,42 @@ class Demo:
 
     # -- the first-sentence run (data.captions / mixing.weights) --------------------------------
     def first_sentence_name(self) -> str:
-        return f"{_p_name(0.0)}_first{self.cfg.first_sentence_weight:.2f}".replace(".", "_")
+        v = self.cfg.no_positions_weight
+        name = f"{_p_name(0.0)}_first{self.cfg.first_sentence_weight:.2f}" + (f"_nopos{v:.2f}" if v else "")
+        return name.replace(".", "_")
+
+    def _first_sentence_files(self) -> tuple[Path, Path]:
+        """The run's train config and feature cache (first sentence only: the names they always had)."""
+        if self.cfg.no_positions_weight is None:
+            return self.out / "train_first_sentence.yaml", self.out / "features_first_sentence"
+        name = self.first_sentence_name()
+        return self.out / f"train_{name}.yaml", self.out / f"features_{name}"
 
     def first_sentence_config(self) -> Path:
         """train_first_sentence.yaml: train_base.yaml plus the derived caption `first_sentence` (the
         recaption's first sentence) at weight W beside the recaption at 1 - W, with its own feature
-        cache (it holds the extra caption's embeddings)."""
+        cache (it holds the extra caption's embeddings); with no_positions_weight V also
+        `no_positions:recaption` at V (the recaption at 1 - W - V), in files named after the run."""
         from t2i_recap.train_config import TrainConfig
 
-        w = self.cfg.first_sentence_weight
+        w, v = self.cfg.first_sentence_weight, self.cfg.no_positions_weight
+        path, cache = self._first_sentence_files()
         data = load_yaml(self.out / "train_base.yaml")
-        data.setdefault("data", {})["captions"] = {"first_sentence": "first_sentence:recaption"}
-        data.setdefault("mixing", {})["weights"] = {"recaption": 1.0 - w, "first_sentence": w}
-        data.setdefault("features", {})["cache_dir"] = str(self.out / "features_first_sentence")
-        path = self.out / "train_first_sentence.yaml"
+        captions = {"first_sentence": "first_sentence:recaption"}
+        weights = {"recaption": 1.0 - w - (v or 0.0), "first_sentence": w}
+        if v is not None:
+            captions["no_positions"] = "no_positions:recaption"
+            weights["no_positions"] = v
+        data.setdefault("data", {})["captions"] = captions
+        data.setdefault("mixing", {})["weights"] = weights
+        data.setdefault("features", {})["cache_dir"] = str(cache)
         save_config(from_dict(TrainConfig, data, str(path)), path)
         return path
 
     def prepare_first_sentence(self) -> dict:
         path = self.first_sentence_config()
         _spawn(["prepare", "--config", str(path)], max(1, os.cpu_count() or 1))
-        return {"train_config": str(path), "cache": str(self.out / "features_first_sentence")}
+        return {"train_config": str(path), "cache": str(self._first_sentence_files()[1])}
 
     def compare(self) -> dict:
         from t2i_recap.evaluate import compare
@@ -306,6 +331,8 @@ class Demo:
         if self.cfg.first_sentence_weight is not None:
             runs.append(str(self.out / "runs" / self.first_sentence_name() / "eval"))
             labels += f",p=0 + first sentence {self.cfg.first_sentence_weight:g}"
+            if self.cfg.no_positions_weight is not None:
+                labels += f" + no positions {self.cfg.no_positions_weight:g}"
         _call(compare.main, [*runs, "--out", str(self.out / "report"), "--labels", labels])
         return {"report": str(self.out / "report")}
 
@@ -366,12 +393,15 @@ class Demo:
         w = self.cfg.first_sentence_weight
         if w is not None:
             name = self.first_sentence_name()
-            stages.append(Stage("prepare_first_sentence", self.prepare_first_sentence, {"w": w},
+            v = self.cfg.no_positions_weight
+            extra = {"first_sentence_weight": w, **({"no_positions_weight": v} if v is not None else {})}
+            prepare = "prepare_first_sentence" if v is None else f"prepare_{name}"
+            stages.append(Stage(prepare, self.prepare_first_sentence, {"w": w, **({"v": v} if v is not None else {})},
                                 self.prepare_seconds(), ("prepare",)))
-            stages += self.run_stages(0.0, name=name, config=self.out / "train_first_sentence.yaml",
-                                      depends="prepare_first_sentence", settings={"first_sentence_weight": w})
+            stages += self.run_stages(0.0, name=name, config=self._first_sentence_files()[0],
+                                      depends=prepare, settings=extra)
             evals.append(f"eval_{name}")
-            compare_settings["first_sentence_weight"] = w
+            compare_settings.update(extra)
         stages.append(self.stats_stage())
         stages.append(Stage("compare", self.compare, compare_settings, 5, tuple(evals)))
         return stages

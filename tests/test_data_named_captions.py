@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fixtures_train import train_config_dict
-from t2i_recap.caption_specs import CaptionSpecError, first_sentence
+from t2i_recap.caption_specs import CaptionSpecError, first_sentence, no_positions
 from t2i_recap.config import ConfigError, from_dict
 from t2i_recap.data import DataConfig, Skip, WebDatasetSource
 from t2i_recap.mixing import NAMED_EMPTY, MixingConfig, choose_named
@@ -119,17 +119,68 @@ def test_first_sentence_of_real_looking_recaptions(text, first):
     assert first_sentence(text) == first
 
 
+NO_POSITIONS = [
+    # the shapes captioner's phrasings (lower case, several objects, a relation sentence)
+    ("a picture of a large orange triangle at the top left, a small orange triangle in the center and a small blue "
+     "circle at the bottom left. the orange triangle is above the blue circle.",
+     "a picture of a large orange triangle, a small orange triangle and a small blue circle. the orange triangle is "
+     "above the blue circle."),
+    ("an image showing two yellow triangles, a big one on the left and a small one at the bottom.",
+     "an image showing two yellow triangles, a big one and a small one."),
+    ("A small red circle sits in the center. A big blue square is at the middle left.",
+     "A small red circle. A big blue square."),
+    ("a picture of a big blue triangle in the upper left corner.", "a picture of a big blue triangle."),
+    # relations stay, whether "to the left of" or "on the left of"
+    ("The red circle is to the left of the blue square.", "The red circle is to the left of the blue square."),
+    ("In the center of the image, a man rides a bicycle on the street. A car is parked on the left of the road.",
+     "A man rides a bicycle on the street. A car is parked on the left of the road."),
+    ("A dog lies on the grass in the foreground, with trees in the background.", "A dog lies on the grass, with trees."),
+    ("A photo taken at the top of a mountain.", "A photo taken at the top of a mountain."),
+    ("in the center.", None),
+    (None, None),
+]
+
+
+@pytest.mark.parametrize("text,short", NO_POSITIONS)
+def test_no_positions_drops_where_things_are_and_keeps_relations(text, short):
+    assert no_positions(text) == short
+
+
+def test_no_positions_on_every_gold_caption_template_keeps_every_object():
+    """Over the shapes world's caption grammar: no absolute-position word is left, and every object's
+    size, colour and shape words and every relation sentence are still there."""
+    import random
+
+    from t2i_recap.shapes.captions import GOLD_TEMPLATES, gold_caption
+    from t2i_recap.shapes.world import sample_scene
+
+    rng = random.Random(0)
+    for i in range(400):
+        scene = sample_scene(rng)
+        text = gold_caption(scene, rng, GOLD_TEMPLATES[i % len(GOLD_TEMPLATES)])
+        short = no_positions(text)
+        words = short.lower().replace(".", " ").replace(",", " ").split()
+        assert not {"corner", "center", "middle", "top", "bottom", "upper", "lower"} & set(words), (text, short)
+        assert sum(w in ("left", "right") for w in words) == text.lower().count(" left of") + text.lower().count(" right of")
+        for o in scene.objects:
+            assert o.color in words and (o.shape in words or o.shape + "s" in words), (text, short)
+        relations = [s for s in text.split(". ") if s.startswith("The ")]
+        assert all(r.rstrip(".") in short for r in relations), (text, short)
+
+
 def test_named_captions_list_fields_and_derivations(train_shards):
     shards, side = train_shards
     cfg = DataConfig(shards=str(shards), recaption_dir=str(side), resolution=16, captions={
         "first_sentence": "first_sentence:recaption", "gold0": "json:gold_captions[0]",
-        "first_of_first": "first_sentence:gold0"})
-    assert list(cfg.caption_specs()) == ["original", "recaption", "first_sentence", "gold0", "first_of_first"]
+        "first_of_first": "first_sentence:gold0", "placeless": "no_positions:gold0"})
+    assert list(cfg.caption_specs()) == ["original", "recaption", "first_sentence", "gold0", "first_of_first",
+                                         "placeless"]
     src = WebDatasetSource(cfg)
     out = [src.decode(r) for r in src.records(0)]
     assert all(not isinstance(o, Skip) for o in out)
     for o in out:
         assert o["first_of_first"] == first_sentence(o["gold0"]) and o["gold0"].startswith(o["first_of_first"])
+        assert o["placeless"] == no_positions(o["gold0"]) and len(o["placeless"]) < len(o["gold0"])
         if o["recaption"] is None:  # a failed sidecar row: no recaption, so no first sentence of it
             assert o["first_sentence"] is None
         else:
@@ -252,3 +303,6 @@ def test_the_first_sentence_rule_is_part_of_the_cache_fingerprint():
     derived = DataConfig(shards="x", captions={"first_sentence": "first_sentence:recaption"}).caption_fingerprint()
     assert "derived_versions" not in plain  # a two-caption config keeps its fingerprint
     assert derived["derived_versions"] == {"first_sentence": DERIVED_VERSIONS["first_sentence"]}
+    both = DataConfig(shards="x", captions={"first_sentence": "first_sentence:recaption",
+                                            "short": "no_positions:first_sentence"}).caption_fingerprint()
+    assert both["derived_versions"] == {k: DERIVED_VERSIONS[k] for k in ("first_sentence", "no_positions")}
