@@ -10,6 +10,8 @@
   "first_sentence:recaption"  derived from another NAMED caption (`t2i_recap.data`'s data.captions):
                        its first sentence
   "no_positions:recaption"    derived: the named caption without its absolute-position phrases
+  "short:recaption"           derived: no_positions, then (per caption, by its content) without its
+                       colour words, its size words or both: an alt-text-like short caption
 
 The routes agree because a sample is seen through one `SampleView`: a webdataset tar sample's
 members, a row that `datasets.load_dataset("webdataset", ...)` made of the same tar (its columns
@@ -25,6 +27,7 @@ and the shard (`SpecCoverage`), never a silent fallback to the other caption.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from typing import Any, Callable, Mapping
@@ -183,7 +186,7 @@ _END = re.compile(r"([.!?]+)([\"')\]]*)(\s+)(?=[\"'(\[]?[A-Z0-9])")
 # An all-lower-case caption (a lower-casing captioner or tokenizer) has no capital to start the next
 # sentence: there a single ., ! or ? before a lower-case letter ends it (an ellipsis does not).
 _END_LOWER = re.compile(r"((?<!\.)\.(?!\.)|[!?]+)([\"')\]]*)(\s+)(?=[\"'(\[]?[a-z0-9])")
-DERIVED_VERSIONS = {"first_sentence": 2, "no_positions": 1}
+DERIVED_VERSIONS = {"first_sentence": 2, "no_positions": 1, "short": 1}
 """Rule versions of the derived captions: part of the feature cache's fingerprint, so a cache made
 under an older rule is rebuilt."""
 
@@ -240,8 +243,45 @@ def no_positions(text: str | None) -> str | None:
     return out if re.search(r"\w", out) else None
 
 
+# Basic English colour and size words: what `short` may leave out.
+_COLOUR_WORDS = ("red", "orange", "yellow", "green", "blue", "purple", "violet", "pink", "brown", "black", "white",
+                 "gray", "grey", "beige", "golden", "gold", "silver", "teal", "cyan", "magenta", "maroon", "navy",
+                 "turquoise")
+_SIZE_WORDS = ("small", "little", "large", "big", "tiny", "huge", "giant", "enormous", "medium-sized")
+
+
+def _drop_words(text: str, words: tuple[str, ...]) -> str:
+    """`text` without `words` (whole words, any case) where a word follows them, except "one(s)" ("a big
+    one" stays); an article before them agrees with what follows ("a big orange" -> "an orange")."""
+    alternatives = "|".join(sorted(map(re.escape, words), key=len, reverse=True))
+    pattern = re.compile(rf"\b(?P<art>an?\s+)?(?P<words>(?:(?:{alternatives})\s+)+)(?!ones?\b)(?=(?P<next>\w))", re.IGNORECASE)
+
+    def repl(m: re.Match) -> str:
+        art = m.group("art")
+        if not art:
+            return ""
+        new = "an " if m.group("next").lower() in "aeiou" else "a "
+        return new.capitalize() if art[0].isupper() else new
+
+    return pattern.sub(repl, text)
+
+
+def short(text: str | None) -> str | None:
+    """An alt-text-like short form of `text`: `no_positions`, and then, for three captions in four, its
+    colour words, its size words or both left out. Which is decided by the caption's own content
+    (its SHA-256), so one caption always gives the same short form (the feature cache holds it) and
+    the choice is spread evenly over a dataset."""
+    base = no_positions(text)
+    if base is None:
+        return None
+    choice = hashlib.sha256(text.encode("utf-8")).digest()[0] & 3
+    words = (_COLOUR_WORDS if choice & 1 else ()) + (_SIZE_WORDS if choice & 2 else ())
+    out = re.sub(r"\s{2,}", " ", _drop_words(base, words)).strip() if words else base
+    return out if re.search(r"\w", out) else None
+
+
 DERIVED: dict[str, Callable[[str | None], str | None]] = {"first_sentence": first_sentence,
-                                                          "no_positions": no_positions}
+                                                          "no_positions": no_positions, "short": short}
 
 
 def caption_order(specs: Mapping[str, CaptionSpec], where: str = "data.captions") -> list[str]:

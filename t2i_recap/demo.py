@@ -84,10 +84,13 @@ class DemoConfig:
     first_sentence_weight: float | None = None
     """Train one more p = 0 DiT whose captions are the recaption (weight 1 - W) and its first sentence
     (`first_sentence:recaption`, weight W), and add its row to the demo's table; None = not trained."""
-    no_positions_weight: float | None = None
-    """With first_sentence_weight: that run also trains on the recaption without its absolute-position
-    phrases (`no_positions:recaption`, weight V; the recaption then weighs 1 - W - V), the short,
-    placeless kind of caption that raw prompts are; None = not used."""
+    short_caption_weight: float | None = None
+    """With first_sentence_weight: that run also trains on a short caption derived from the recaption
+    (`SHORT_CAPTION:recaption`, weight V; the recaption then weighs 1 - W - V), the kind of caption
+    raw prompts are; None = not used."""
+    short_caption: str = "short"
+    """The derived caption of short_caption_weight: `short` (no positions, and for most captions no
+    colours, no sizes or neither) or `no_positions` (t2i_recap/caption_specs.py)."""
 
     def __post_init__(self) -> None:
         if not self.p_values or any(not 0.0 <= p <= 1.0 for p in self.p_values):
@@ -98,13 +101,18 @@ class DemoConfig:
             raise ValueError(f"sweep_seeds must be a non-empty list of distinct seeds, got {self.sweep_seeds}")
         if self.first_sentence_weight is not None and not 0.0 < self.first_sentence_weight <= 1.0:
             raise ValueError(f"first_sentence_weight must be in (0, 1], got {self.first_sentence_weight}")
-        if self.no_positions_weight is not None:
+        if self.short_caption not in SHORT_CAPTIONS:
+            raise ValueError(f"short_caption must be one of {', '.join(SHORT_CAPTIONS)}, got {self.short_caption!r}")
+        if self.short_caption_weight is not None:
             if self.first_sentence_weight is None:
-                raise ValueError("no_positions_weight is a caption of the first-sentence run: set first_sentence_weight too")
-            if not 0.0 < self.no_positions_weight < 1.0 or self.first_sentence_weight + self.no_positions_weight > 1.0:
-                raise ValueError(f"no_positions_weight must be in (0, 1) with first_sentence_weight + no_positions_weight "
-                                 f"<= 1, got {self.no_positions_weight} beside {self.first_sentence_weight}")
+                raise ValueError("short_caption_weight is a caption of the first-sentence run: set first_sentence_weight too")
+            if not 0.0 < self.short_caption_weight < 1.0 or self.first_sentence_weight + self.short_caption_weight > 1.0:
+                raise ValueError(f"short_caption_weight must be in (0, 1) with first_sentence_weight + short_caption_weight "
+                                 f"<= 1, got {self.short_caption_weight} beside {self.first_sentence_weight}")
 
+
+SHORT_CAPTIONS = {"short": "short", "no_positions": "nopos"}
+"""The derived captions short_caption may name, with their tag in the run's name."""
 
 QUICK = dict(num_web=240, num_test=24, curated_fraction=0.25, train_steps=30, train_batch_size=16,
              caption_batch_size=32, caption_max_new_tokens=48, eval_per_category=2, eval_images_per_prompt=1,
@@ -286,13 +294,14 @@ class Demo:
 
     # -- the first-sentence run (data.captions / mixing.weights) --------------------------------
     def first_sentence_name(self) -> str:
-        v = self.cfg.no_positions_weight
-        name = f"{_p_name(0.0)}_first{self.cfg.first_sentence_weight:.2f}" + (f"_nopos{v:.2f}" if v else "")
+        v = self.cfg.short_caption_weight
+        tag = SHORT_CAPTIONS[self.cfg.short_caption]
+        name = f"{_p_name(0.0)}_first{self.cfg.first_sentence_weight:.2f}" + (f"_{tag}{v:.2f}" if v else "")
         return name.replace(".", "_")
 
     def _first_sentence_files(self) -> tuple[Path, Path]:
         """The run's train config and feature cache (first sentence only: the names they always had)."""
-        if self.cfg.no_positions_weight is None:
+        if self.cfg.short_caption_weight is None:
             return self.out / "train_first_sentence.yaml", self.out / "features_first_sentence"
         name = self.first_sentence_name()
         return self.out / f"train_{name}.yaml", self.out / f"features_{name}"
@@ -300,18 +309,18 @@ class Demo:
     def first_sentence_config(self) -> Path:
         """train_first_sentence.yaml: train_base.yaml plus the derived caption `first_sentence` (the
         recaption's first sentence) at weight W beside the recaption at 1 - W, with its own feature
-        cache (it holds the extra caption's embeddings); with no_positions_weight V also
-        `no_positions:recaption` at V (the recaption at 1 - W - V), in files named after the run."""
+        cache (it holds the extra caption's embeddings); with short_caption_weight V also
+        `SHORT_CAPTION:recaption` at V (the recaption at 1 - W - V), in files named after the run."""
         from t2i_recap.train_config import TrainConfig
 
-        w, v = self.cfg.first_sentence_weight, self.cfg.no_positions_weight
+        w, v, kind = self.cfg.first_sentence_weight, self.cfg.short_caption_weight, self.cfg.short_caption
         path, cache = self._first_sentence_files()
         data = load_yaml(self.out / "train_base.yaml")
         captions = {"first_sentence": "first_sentence:recaption"}
         weights = {"recaption": 1.0 - w - (v or 0.0), "first_sentence": w}
         if v is not None:
-            captions["no_positions"] = "no_positions:recaption"
-            weights["no_positions"] = v
+            captions[kind] = f"{kind}:recaption"
+            weights[kind] = v
         data.setdefault("data", {})["captions"] = captions
         data.setdefault("mixing", {})["weights"] = weights
         data.setdefault("features", {})["cache_dir"] = str(cache)
@@ -331,8 +340,8 @@ class Demo:
         if self.cfg.first_sentence_weight is not None:
             runs.append(str(self.out / "runs" / self.first_sentence_name() / "eval"))
             labels += f",p=0 + first sentence {self.cfg.first_sentence_weight:g}"
-            if self.cfg.no_positions_weight is not None:
-                labels += f" + no positions {self.cfg.no_positions_weight:g}"
+            if self.cfg.short_caption_weight is not None:
+                labels += f" + {self.cfg.short_caption.replace('_', ' ')} {self.cfg.short_caption_weight:g}"
         _call(compare.main, [*runs, "--out", str(self.out / "report"), "--labels", labels])
         return {"report": str(self.out / "report")}
 
@@ -393,10 +402,11 @@ class Demo:
         w = self.cfg.first_sentence_weight
         if w is not None:
             name = self.first_sentence_name()
-            v = self.cfg.no_positions_weight
-            extra = {"first_sentence_weight": w, **({"no_positions_weight": v} if v is not None else {})}
+            v = self.cfg.short_caption_weight
+            short = {"short_caption_weight": v, "short_caption": self.cfg.short_caption} if v is not None else {}
+            extra = {"first_sentence_weight": w, **short}
             prepare = "prepare_first_sentence" if v is None else f"prepare_{name}"
-            stages.append(Stage(prepare, self.prepare_first_sentence, {"w": w, **({"v": v} if v is not None else {})},
+            stages.append(Stage(prepare, self.prepare_first_sentence, {"w": w, **short},
                                 self.prepare_seconds(), ("prepare",)))
             stages += self.run_stages(0.0, name=name, config=self._first_sentence_files()[0],
                                       depends=prepare, settings=extra)

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
 
 from fixtures_train import train_config_dict
-from t2i_recap.caption_specs import CaptionSpecError, first_sentence, no_positions
+from t2i_recap.caption_specs import CaptionSpecError, first_sentence, no_positions, short
 from t2i_recap.config import ConfigError, from_dict
 from t2i_recap.data import DataConfig, Skip, WebDatasetSource
 from t2i_recap.mixing import NAMED_EMPTY, MixingConfig, choose_named
@@ -168,6 +169,40 @@ def test_no_positions_on_every_gold_caption_template_keeps_every_object():
         assert all(r.rstrip(".") in short for r in relations), (text, short)
 
 
+def test_short_captions_leave_out_colours_sizes_or_both_by_content():
+    """`short` over the shapes grammar: positions always go; colours, sizes, both or neither go by
+    the caption's hash, each for about a quarter of captions; shapes, counts and relations stay; the
+    same caption always gives the same short form; articles agree with what follows."""
+    import random
+
+    from t2i_recap.shapes.captions import GOLD_TEMPLATES, gold_caption
+    from t2i_recap.shapes.world import COLORS, sample_scene
+
+    rng = random.Random(1)
+    kinds = {"neither": 0, "colours": 0, "sizes": 0, "both": 0}
+    for i in range(800):
+        scene = sample_scene(rng)
+        text = gold_caption(scene, rng, GOLD_TEMPLATES[i % len(GOLD_TEMPLATES)])
+        out = short(text)
+        assert out == short(text) and out != text
+        words = set(out.lower().replace(".", " ").replace(",", " ").replace(":", " ").split())
+        ones = " one " in text or " ones " in text  # "a big one": the size word stays there
+        colours, sizes = bool(set(COLORS) & words), bool({"small", "little", "large", "big"} & words)
+        kind = {(True, True): "neither", (False, True): "colours", (True, False): "sizes", (False, False): "both"}
+        if not ones:
+            kinds[kind[(colours, sizes)]] += 1
+        for o in scene.objects:
+            assert o.shape in words or o.shape + "s" in words, (text, out)
+        assert not {"corner", "center", "middle", "upper", "lower"} & words, (text, out)
+        assert not re.search(r"\ban [b-df-hj-np-tv-z]|\ba [aeiou]", out, re.IGNORECASE), (text, out)
+    n = sum(kinds.values())
+    assert all(_within(k, n, 0.25) for k in kinds.values()), kinds
+    assert short("A tall man in a red shirt rides a big blue bicycle on the left side of the image.") in {
+        "A tall man in a red shirt rides a big blue bicycle.", "A tall man in a shirt rides a big bicycle.",
+        "A tall man in a red shirt rides a blue bicycle.", "A tall man in a shirt rides a bicycle."}
+    assert short(None) is None and short("at the top.") is None
+
+
 def test_named_captions_list_fields_and_derivations(train_shards):
     shards, side = train_shards
     cfg = DataConfig(shards=str(shards), recaption_dir=str(side), resolution=16, captions={
@@ -304,5 +339,6 @@ def test_the_first_sentence_rule_is_part_of_the_cache_fingerprint():
     assert "derived_versions" not in plain  # a two-caption config keeps its fingerprint
     assert derived["derived_versions"] == {"first_sentence": DERIVED_VERSIONS["first_sentence"]}
     both = DataConfig(shards="x", captions={"first_sentence": "first_sentence:recaption",
-                                            "short": "no_positions:first_sentence"}).caption_fingerprint()
-    assert both["derived_versions"] == {k: DERIVED_VERSIONS[k] for k in ("first_sentence", "no_positions")}
+                                            "placeless": "no_positions:first_sentence",
+                                            "short": "short:recaption"}).caption_fingerprint()
+    assert both["derived_versions"] == {k: DERIVED_VERSIONS[k] for k in ("first_sentence", "no_positions", "short")}

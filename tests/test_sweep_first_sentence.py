@@ -43,13 +43,14 @@ def test_first_sentence_config_names_the_derived_caption_and_its_weight(tmp_path
     assert cfg.data.shards == base.data.shards and cfg.trainer.max_steps == base.trainer.max_steps
 
 
-def test_no_positions_caption_joins_the_first_sentence_run_in_files_of_its_own(tmp_path):
+@pytest.mark.parametrize("kind,tag", [("short", "short"), ("no_positions", "nopos")])
+def test_short_caption_joins_the_first_sentence_run_in_files_of_its_own(tmp_path, kind, tag):
     from t2i_recap.train_config import TrainConfig
 
     plain = {s.name: s for s in _demo(tmp_path, first_sentence_weight=0.1).stages()}
-    d = _demo(tmp_path, first_sentence_weight=0.1, no_positions_weight=0.3)
+    d = _demo(tmp_path, first_sentence_weight=0.1, short_caption_weight=0.3, short_caption=kind)
     stages = {s.name: s for s in d.stages()}
-    name = "p0_00_first0_10_nopos0_30"
+    name = f"p0_00_first0_10_{tag}0_30"
     assert d.first_sentence_name() == name
     assert set(stages) - set(plain) == {f"prepare_{name}", f"train_{name}", f"eval_{name}"}
     assert stages[f"train_{name}"].depends == (f"prepare_{name}",)
@@ -57,13 +58,19 @@ def test_no_positions_caption_joins_the_first_sentence_run_in_files_of_its_own(t
     path = d.first_sentence_config()
     assert path == tmp_path / f"train_{name}.yaml"
     cfg = load_config(TrainConfig, path, ["mixing.p=0.0"])
-    assert cfg.data.captions == {"first_sentence": "first_sentence:recaption", "no_positions": "no_positions:recaption"}
-    assert cfg.mixing.weights == pytest.approx({"recaption": 0.6, "first_sentence": 0.1, "no_positions": 0.3})
+    assert cfg.data.captions == {"first_sentence": "first_sentence:recaption", kind: f"{kind}:recaption"}
+    assert cfg.mixing.weights == pytest.approx({"recaption": 0.6, "first_sentence": 0.1, kind: 0.3})
     assert cfg.features.cache_dir == str(tmp_path / f"features_{name}")
+
+
+def test_short_caption_settings_are_checked():
     with pytest.raises(ValueError, match="set first_sentence_weight too"):
-        from_dict(demo.DemoConfig, {"no_positions_weight": 0.3})
-    with pytest.raises(ValueError, match="no_positions_weight must be"):
-        from_dict(demo.DemoConfig, {"first_sentence_weight": 0.8, "no_positions_weight": 0.3})
+        from_dict(demo.DemoConfig, {"short_caption_weight": 0.3})
+    with pytest.raises(ValueError, match="short_caption_weight must be"):
+        from_dict(demo.DemoConfig, {"first_sentence_weight": 0.8, "short_caption_weight": 0.3})
+    with pytest.raises(ValueError, match="short_caption must be one of short, no_positions"):
+        from_dict(demo.DemoConfig, {"first_sentence_weight": 0.2, "short_caption_weight": 0.3,
+                                    "short_caption": "first_sentence"})
 
 
 @pytest.mark.slow
