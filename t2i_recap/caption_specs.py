@@ -186,7 +186,7 @@ _END = re.compile(r"([.!?]+)([\"')\]]*)(\s+)(?=[\"'(\[]?[A-Z0-9])")
 # An all-lower-case caption (a lower-casing captioner or tokenizer) has no capital to start the next
 # sentence: there a single ., ! or ? before a lower-case letter ends it (an ellipsis does not).
 _END_LOWER = re.compile(r"((?<!\.)\.(?!\.)|[!?]+)([\"')\]]*)(\s+)(?=[\"'(\[]?[a-z0-9])")
-DERIVED_VERSIONS = {"first_sentence": 2, "no_positions": 1, "short": 1}
+DERIVED_VERSIONS = {"first_sentence": 2, "no_positions": 1, "short": 1, "lead": 1}
 """Rule versions of the derived captions: part of the feature cache's fingerprint, so a cache made
 under an older rule is rebuilt."""
 
@@ -266,6 +266,14 @@ def _drop_words(text: str, words: tuple[str, ...]) -> str:
     return pattern.sub(repl, text)
 
 
+def _attributes_left_out(text: str, digest: bytes) -> str | None:
+    """`text` with its colour words, its size words, both or neither left out, by two bits of `digest`."""
+    choice = digest[0] & 3
+    words = (_COLOUR_WORDS if choice & 1 else ()) + (_SIZE_WORDS if choice & 2 else ())
+    out = re.sub(r"\s{2,}", " ", _drop_words(text, words)).strip() if words else text
+    return out if re.search(r"\w", out) else None
+
+
 def short(text: str | None) -> str | None:
     """An alt-text-like short form of `text`: `no_positions`, and then, for three captions in four, its
     colour words, its size words or both left out. Which is decided by the caption's own content
@@ -274,14 +282,43 @@ def short(text: str | None) -> str | None:
     base = no_positions(text)
     if base is None:
         return None
-    choice = hashlib.sha256(text.encode("utf-8")).digest()[0] & 3
-    words = (_COLOUR_WORDS if choice & 1 else ()) + (_SIZE_WORDS if choice & 2 else ())
-    out = re.sub(r"\s{2,}", " ", _drop_words(base, words)).strip() if words else base
-    return out if re.search(r"\w", out) else None
+    return _attributes_left_out(base, hashlib.sha256(text.encode("utf-8")).digest())
+
+
+# The separators of a listing ("a red circle, a blue square and a green triangle"), and a member
+# that only refers back to the group before it ("two squares, a big one and a small one").
+_LIST_SEPARATOR = re.compile(r"\s*(?:[,;]\s*(?:and\s+)?|\s\band\s+)", re.IGNORECASE)
+_BACK_REFERENCE = re.compile(r"^(?:an?\s+|the\s+)?(?:[\w-]+\s+)?ones?\b", re.IGNORECASE)
+
+
+def lead(text: str | None) -> str | None:
+    """The lead of `text`, the way an alt-text names a picture's main things and nothing else: its
+    first sentence without positions, cut after the first thing it lists or the first two (joined by
+    "and"; a member such as "a big one" that only refers back to the group before it is not a thing
+    of its own), with no closing full stop, and then like `short` its colours, sizes, both or
+    neither left out. An introduction up to a colon ("There are three shapes:") is dropped. Which
+    count and which attributes are decided by the caption's SHA-256, so one caption always gives the
+    same lead. An English rule (an "and" inside a name such as "black and white" splits it too)."""
+    if text is None:
+        return None
+    base = no_positions(first_sentence(text))
+    if base is None:
+        return None
+    base = re.sub(r"[\s.!?]+$", "", base)
+    if ":" in base:
+        base = base.split(":", 1)[1].strip()
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    things = [part for i, part in enumerate(_LIST_SEPARATOR.split(base))
+              if part and (i == 0 or not _BACK_REFERENCE.match(part))]
+    if not things:
+        return None
+    kept = " and ".join(things[:1 + ((digest[1] >> 7) & 1)])
+    return _attributes_left_out(kept, digest)
 
 
 DERIVED: dict[str, Callable[[str | None], str | None]] = {"first_sentence": first_sentence,
-                                                          "no_positions": no_positions, "short": short}
+                                                          "no_positions": no_positions, "short": short,
+                                                          "lead": lead}
 
 
 def caption_order(specs: Mapping[str, CaptionSpec], where: str = "data.captions") -> list[str]:

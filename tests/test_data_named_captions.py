@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fixtures_train import train_config_dict
-from t2i_recap.caption_specs import CaptionSpecError, first_sentence, no_positions, short
+from t2i_recap.caption_specs import CaptionSpecError, first_sentence, lead, no_positions, short
 from t2i_recap.config import ConfigError, from_dict
 from t2i_recap.data import DataConfig, Skip, WebDatasetSource
 from t2i_recap.mixing import NAMED_EMPTY, MixingConfig, choose_named
@@ -203,6 +203,62 @@ def test_short_captions_leave_out_colours_sizes_or_both_by_content():
     assert short(None) is None and short("at the top.") is None
 
 
+LEADS = [
+    # (caption, the leads it may give: one thing or two, colours/sizes/both/neither left out)
+    ("A picture of a big red circle in the top left corner, a small blue square at the bottom and a green "
+     "triangle on the right. The red circle is above the blue square.",
+     {"A picture of a big red circle", "A picture of a big circle", "A picture of a red circle", "A picture of a circle",
+      "A picture of a big red circle and a small blue square", "A picture of a big circle and a small square",
+      "A picture of a red circle and a blue square", "A picture of a circle and a square"}),
+    ("an image showing two yellow triangles, a big one on the left and a small one at the bottom and a small "
+     "orange circle at the bottom center.",
+     {"an image showing two yellow triangles", "an image showing two triangles",
+      "an image showing two yellow triangles and a small orange circle", "an image showing two triangles and a small circle",
+      "an image showing two yellow triangles and an orange circle", "an image showing two triangles and a circle"}),
+    ("There are three shapes: a little green square in the center, a large purple circle on the left and a big red "
+     "triangle at the top.",
+     {"a little green square", "a green square", "a little square", "a square",
+      "a little green square and a large purple circle", "a green square and a purple circle",
+      "a little square and a large circle", "a square and a circle"}),
+    ("A large blue circle sits in the upper right corner. A small red square is on the left side.",
+     {"A large blue circle", "A blue circle", "A large circle", "A circle"}),
+]
+
+
+@pytest.mark.parametrize("text,leads", LEADS)
+def test_lead_names_the_first_one_or_two_things_without_positions(text, leads):
+    assert lead(text) in leads and lead(text) == lead(text)
+
+
+def test_leads_over_the_shapes_grammar_name_one_or_two_of_the_scenes_things():
+    """`lead` over every gold template: one or two things (about half each where a listing names two
+    groups or more), each a thing of the scene, never a position, a relation or a closing stop; the
+    attribute choice is spread over the four kinds like `short`'s."""
+    import random
+
+    from t2i_recap.shapes.captions import GOLD_TEMPLATES, gold_caption
+    from t2i_recap.shapes.world import COLORS, SHAPES, sample_scene
+
+    rng = random.Random(2)
+    counts, attributes = {1: 0, 2: 0}, set()
+    for i in range(800):
+        scene = sample_scene(rng)
+        text = gold_caption(scene, rng, GOLD_TEMPLATES[i % len(GOLD_TEMPLATES)])
+        out = lead(text)
+        words = out.lower().split()
+        assert not out.endswith(".") and not {"corner", "center", "middle", "top", "bottom", "left", "right",
+                                               "above", "below", "beneath", "one", "shapes:"} & set(words), (text, out)
+        named = [w.rstrip("s") for w in words if w.rstrip("s") in SHAPES]
+        assert named and set(named) <= {o.shape for o in scene.objects}, (text, out)
+        assert len(named) == out.count(" and ") + 1, (text, out)
+        if len({(o.color, o.shape) for o in scene.objects}) >= 2 and i % len(GOLD_TEMPLATES) != 3:
+            counts[len(named)] += 1  # the "sentences" template's first sentence names one thing
+        attributes.add((bool(set(COLORS) & set(words)), bool({"small", "little", "large", "big"} & set(words))))
+    assert all(_within(k, sum(counts.values()), 0.5) for k in counts.values()), counts
+    assert attributes == {(True, True), (True, False), (False, True), (False, False)}
+    assert lead(None) is None and lead("In the center.") is None
+
+
 def test_named_captions_list_fields_and_derivations(train_shards):
     shards, side = train_shards
     cfg = DataConfig(shards=str(shards), recaption_dir=str(side), resolution=16, captions={
@@ -340,5 +396,5 @@ def test_the_first_sentence_rule_is_part_of_the_cache_fingerprint():
     assert derived["derived_versions"] == {"first_sentence": DERIVED_VERSIONS["first_sentence"]}
     both = DataConfig(shards="x", captions={"first_sentence": "first_sentence:recaption",
                                             "placeless": "no_positions:first_sentence",
-                                            "short": "short:recaption"}).caption_fingerprint()
-    assert both["derived_versions"] == {k: DERIVED_VERSIONS[k] for k in ("first_sentence", "no_positions", "short")}
+                                            "short": "short:recaption", "lead": "lead:recaption"}).caption_fingerprint()
+    assert both["derived_versions"] == {k: DERIVED_VERSIONS[k] for k in ("first_sentence", "no_positions", "short", "lead")}
