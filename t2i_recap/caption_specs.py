@@ -186,7 +186,7 @@ _END = re.compile(r"([.!?]+)([\"')\]]*)(\s+)(?=[\"'(\[]?[A-Z0-9])")
 # An all-lower-case caption (a lower-casing captioner or tokenizer) has no capital to start the next
 # sentence: there a single ., ! or ? before a lower-case letter ends it (an ellipsis does not).
 _END_LOWER = re.compile(r"((?<!\.)\.(?!\.)|[!?]+)([\"')\]]*)(\s+)(?=[\"'(\[]?[a-z0-9])")
-DERIVED_VERSIONS = {"first_sentence": 2, "no_positions": 1, "short": 1, "lead": 1}
+DERIVED_VERSIONS = {"first_sentence": 2, "no_positions": 1, "short": 1, "lead": 1, "listing": 1}
 """Rule versions of the derived captions: part of the feature cache's fingerprint, so a cache made
 under an older rule is rebuilt."""
 
@@ -291,34 +291,48 @@ _LIST_SEPARATOR = re.compile(r"\s*(?:[,;]\s*(?:and\s+)?|\s\band\s+)", re.IGNOREC
 _BACK_REFERENCE = re.compile(r"^(?:an?\s+|the\s+)?(?:[\w-]+\s+)?ones?\b", re.IGNORECASE)
 
 
-def lead(text: str | None) -> str | None:
-    """The lead of `text`, the way an alt-text names a picture's main things and nothing else: its
-    first sentence without positions, cut after the first thing it lists or the first two (joined by
-    "and"; a member such as "a big one" that only refers back to the group before it is not a thing
-    of its own), with no closing full stop, and then like `short` its colours, sizes, both or
-    neither left out. An introduction up to a colon ("There are three shapes:") is dropped. Which
-    count and which attributes are decided by the caption's SHA-256, so one caption always gives the
-    same lead. An English rule (an "and" inside a name such as "black and white" splits it too)."""
-    if text is None:
-        return None
+def _things(text: str) -> tuple[list[str], bytes] | None:
+    """The things the first sentence of `text` lists (without positions, an introduction up to a
+    colon, a closing stop or back references), and the text's SHA-256."""
     base = no_positions(first_sentence(text))
     if base is None:
         return None
     base = re.sub(r"[\s.!?]+$", "", base)
     if ":" in base:
         base = base.split(":", 1)[1].strip()
-    digest = hashlib.sha256(text.encode("utf-8")).digest()
     things = [part for i, part in enumerate(_LIST_SEPARATOR.split(base))
               if part and (i == 0 or not _BACK_REFERENCE.match(part))]
-    if not things:
+    return (things, hashlib.sha256(text.encode("utf-8")).digest()) if things else None
+
+
+def listing(text: str | None) -> str | None:
+    """What the first sentence of `text` lists, said the way an alt-text says it: without positions,
+    without an introduction up to a colon ("There are three shapes:"), without a closing full stop,
+    the things split at commas, semicolons and "and" and joined again by commas and a last "and" (a member such as "a
+    big one" that only refers back to the group before it is not a thing of its own), and then like
+    `short` its colours, sizes, both or neither left out by the caption's SHA-256. An English rule
+    (an "and" inside a name such as "black and white" splits it too)."""
+    found = _things(text) if text is not None else None
+    if found is None:
         return None
-    kept = " and ".join(things[:1 + ((digest[1] >> 7) & 1)])
-    return _attributes_left_out(kept, digest)
+    things, digest = found
+    return _attributes_left_out(", ".join(things[:-1]) + " and " + things[-1] if len(things) > 1 else things[0], digest)
+
+
+def lead(text: str | None) -> str | None:
+    """The lead of `text`, the way an alt-text names a picture's main things and nothing else:
+    `listing` cut after its first thing or its first two. Which count, and which attributes are left
+    out, are decided by the caption's SHA-256, so one caption always gives the same lead."""
+    found = _things(text) if text is not None else None
+    if found is None:
+        return None
+    things, digest = found
+    return _attributes_left_out(" and ".join(things[:1 + ((digest[1] >> 7) & 1)]), digest)
 
 
 DERIVED: dict[str, Callable[[str | None], str | None]] = {"first_sentence": first_sentence,
                                                           "no_positions": no_positions, "short": short,
-                                                          "lead": lead}
+                                                          "lead": lead, "listing": listing}
 
 
 def caption_order(specs: Mapping[str, CaptionSpec], where: str = "data.captions") -> list[str]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fixtures_train import train_config_dict
-from t2i_recap.caption_specs import CaptionSpecError, first_sentence, lead, no_positions, short
+from t2i_recap.caption_specs import CaptionSpecError, first_sentence, lead, listing, no_positions, short
 from t2i_recap.config import ConfigError, from_dict
 from t2i_recap.data import DataConfig, Skip, WebDatasetSource
 from t2i_recap.mixing import NAMED_EMPTY, MixingConfig, choose_named
@@ -259,6 +259,38 @@ def test_leads_over_the_shapes_grammar_name_one_or_two_of_the_scenes_things():
     assert lead(None) is None and lead("In the center.") is None
 
 
+def test_listing_names_every_thing_of_the_first_sentence_and_nothing_else():
+    text = ("There are three shapes: two yellow triangles, a big one on the left and a small one at the bottom, "
+            "a little green square in the center and a large purple circle on the left. The green square is above "
+            "the purple circle.")
+    assert listing(text) in {"two yellow triangles, a little green square and a large purple circle",
+                             "two triangles, a little square and a large circle",
+                             "two yellow triangles, a green square and a purple circle",
+                             "two triangles, a square and a circle"}
+    assert listing("A large blue circle sits in the upper right corner. A red square is on the left.") in {
+        "A large blue circle", "A blue circle", "A large circle", "A circle"}
+    assert listing(None) is None and listing("In the center.") is None
+
+    import random
+
+    from t2i_recap.shapes.captions import GOLD_TEMPLATES, gold_caption
+    from t2i_recap.shapes.world import SHAPES, sample_scene
+
+    rng = random.Random(3)
+    for i in range(400):
+        scene = sample_scene(rng)
+        template = GOLD_TEMPLATES[i % len(GOLD_TEMPLATES)]
+        text = gold_caption(scene, rng, template)
+        out = listing(text)
+        words = out.lower().replace(",", " ").split()
+        named = [w.rstrip("s") for w in words if w.rstrip("s") in SHAPES]
+        groups = len({(o.color, o.shape) for o in scene.objects})
+        assert len(named) == (1 if template == "sentences" else groups), (text, out)
+        assert not out.endswith(".") and not {"corner", "center", "middle", "top", "bottom", "left", "right",
+                                               "above", "below", "one"} & set(words), (text, out)
+        assert out == listing(text) and (lead(text) == out or out.startswith(lead(text).split(" and ")[0]))
+
+
 def test_named_captions_list_fields_and_derivations(train_shards):
     shards, side = train_shards
     cfg = DataConfig(shards=str(shards), recaption_dir=str(side), resolution=16, captions={
@@ -396,5 +428,7 @@ def test_the_first_sentence_rule_is_part_of_the_cache_fingerprint():
     assert derived["derived_versions"] == {"first_sentence": DERIVED_VERSIONS["first_sentence"]}
     both = DataConfig(shards="x", captions={"first_sentence": "first_sentence:recaption",
                                             "placeless": "no_positions:first_sentence",
-                                            "short": "short:recaption", "lead": "lead:recaption"}).caption_fingerprint()
-    assert both["derived_versions"] == {k: DERIVED_VERSIONS[k] for k in ("first_sentence", "no_positions", "short", "lead")}
+                                            "short": "short:recaption", "lead": "lead:recaption",
+                                            "listing": "listing:recaption"}).caption_fingerprint()
+    assert both["derived_versions"] == {k: DERIVED_VERSIONS[k]
+                                        for k in ("first_sentence", "no_positions", "short", "lead", "listing")}
