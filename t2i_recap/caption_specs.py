@@ -186,7 +186,7 @@ _END = re.compile(r"([.!?]+)([\"')\]]*)(\s+)(?=[\"'(\[]?[A-Z0-9])")
 # An all-lower-case caption (a lower-casing captioner or tokenizer) has no capital to start the next
 # sentence: there a single ., ! or ? before a lower-case letter ends it (an ellipsis does not).
 _END_LOWER = re.compile(r"((?<!\.)\.(?!\.)|[!?]+)([\"')\]]*)(\s+)(?=[\"'(\[]?[a-z0-9])")
-DERIVED_VERSIONS = {"first_sentence": 2, "no_positions": 1, "short": 1, "lead": 1, "listing": 1}
+DERIVED_VERSIONS = {"first_sentence": 2, "no_positions": 1, "short": 1, "lead": 1, "listing": 1, "first_things": 1}
 """Rule versions of the derived captions: part of the feature cache's fingerprint, so a cache made
 under an older rule is rebuilt."""
 
@@ -319,6 +319,16 @@ def listing(text: str | None) -> str | None:
     return _attributes_left_out(", ".join(things[:-1]) + " and " + things[-1] if len(things) > 1 else things[0], digest)
 
 
+def first_things(text: str | None) -> str | None:
+    """`listing` cut after its first thing or its first two (by the caption's SHA-256), with every
+    colour and size word kept."""
+    found = _things(text) if text is not None else None
+    if found is None:
+        return None
+    things, digest = found
+    return " and ".join(things[:1 + ((digest[1] >> 7) & 1)])
+
+
 def lead(text: str | None) -> str | None:
     """The lead of `text`, the way an alt-text names a picture's main things and nothing else:
     `listing` cut after its first thing or its first two. Which count, and which attributes are left
@@ -332,7 +342,8 @@ def lead(text: str | None) -> str | None:
 
 DERIVED: dict[str, Callable[[str | None], str | None]] = {"first_sentence": first_sentence,
                                                           "no_positions": no_positions, "short": short,
-                                                          "lead": lead, "listing": listing}
+                                                          "lead": lead, "listing": listing,
+                                                          "first_things": first_things}
 
 
 def caption_order(specs: Mapping[str, CaptionSpec], where: str = "data.captions") -> list[str]:

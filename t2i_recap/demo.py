@@ -91,7 +91,8 @@ class DemoConfig:
     short_caption: str = "short"
     """The derived caption of short_caption_weight: `short` (no positions, and for most captions no
     colours, no sizes or neither), `no_positions`, `listing` (the things the first sentence names,
-    then like `short`) or `lead` (the first one or two of them) (t2i_recap/caption_specs.py)."""
+    then like `short`), `lead` (the first one or two of them) or `first_things` (the lead with every
+    colour and size kept) (t2i_recap/caption_specs.py)."""
 
     def __post_init__(self) -> None:
         if not self.p_values or any(not 0.0 <= p <= 1.0 for p in self.p_values):
@@ -112,7 +113,7 @@ class DemoConfig:
                                  f"<= 1, got {self.short_caption_weight} beside {self.first_sentence_weight}")
 
 
-SHORT_CAPTIONS = {"short": "short", "no_positions": "nopos", "lead": "lead", "listing": "list"}
+SHORT_CAPTIONS = {"short": "short", "no_positions": "nopos", "lead": "lead", "listing": "list", "first_things": "things"}
 """The derived captions short_caption may name, with their tag in the run's name."""
 
 QUICK = dict(num_web=240, num_test=24, curated_fraction=0.25, train_steps=30, train_batch_size=16,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fixtures_train import train_config_dict
-from t2i_recap.caption_specs import CaptionSpecError, first_sentence, lead, listing, no_positions, short
+from t2i_recap.caption_specs import CaptionSpecError, first_sentence, first_things, lead, listing, no_positions, short
 from t2i_recap.config import ConfigError, from_dict
 from t2i_recap.data import DataConfig, Skip, WebDatasetSource
 from t2i_recap.mixing import NAMED_EMPTY, MixingConfig, choose_named
@@ -289,6 +289,21 @@ def test_listing_names_every_thing_of_the_first_sentence_and_nothing_else():
         assert not out.endswith(".") and not {"corner", "center", "middle", "top", "bottom", "left", "right",
                                                "above", "below", "one"} & set(words), (text, out)
         assert out == listing(text) and (lead(text) == out or out.startswith(lead(text).split(" and ")[0]))
+        things = first_things(text)  # the lead's things with every attribute kept
+        assert len(things.split(" and ")) == len(lead(text).split(" and ")), (text, things)
+        colours = [w for w in things.lower().split() if w in {o.color for o in scene.objects}]
+        assert len(colours) == len(things.split(" and ")), (text, things)  # one colour word per thing
+
+
+def test_first_things_is_the_lead_with_its_colours_and_sizes():
+    text = LEADS[0][0]
+    assert first_things(text) in {"A picture of a big red circle", "A picture of a big red circle and a small blue square"}
+    assert _drop_attrs(first_things(text)) == _drop_attrs(lead(text))
+    assert first_things(None) is None and first_things("At the top.") is None
+
+
+def _drop_attrs(text: str) -> str:
+    return " ".join(w for w in text.split() if w not in {"big", "small", "red", "blue", "a", "an"})
 
 
 def test_named_captions_list_fields_and_derivations(train_shards):
@@ -429,6 +444,7 @@ def test_the_first_sentence_rule_is_part_of_the_cache_fingerprint():
     both = DataConfig(shards="x", captions={"first_sentence": "first_sentence:recaption",
                                             "placeless": "no_positions:first_sentence",
                                             "short": "short:recaption", "lead": "lead:recaption",
-                                            "listing": "listing:recaption"}).caption_fingerprint()
-    assert both["derived_versions"] == {k: DERIVED_VERSIONS[k]
-                                        for k in ("first_sentence", "no_positions", "short", "lead", "listing")}
+                                            "listing": "listing:recaption",
+                                            "things": "first_things:recaption"}).caption_fingerprint()
+    assert both["derived_versions"] == {k: DERIVED_VERSIONS[k] for k in ("first_sentence", "no_positions", "short",
+                                                                         "lead", "listing", "first_things")}

@@ -43,7 +43,7 @@ def test_first_sentence_config_names_the_derived_caption_and_its_weight(tmp_path
     assert cfg.data.shards == base.data.shards and cfg.trainer.max_steps == base.trainer.max_steps
 
 
-@pytest.mark.parametrize("kind,tag", [("short", "short"), ("no_positions", "nopos"), ("lead", "lead"), ("listing", "list")])
+@pytest.mark.parametrize("kind,tag", [("short", "short"), ("no_positions", "nopos"), ("lead", "lead"), ("listing", "list"), ("first_things", "things")])
 def test_short_caption_joins_the_first_sentence_run_in_files_of_its_own(tmp_path, kind, tag):
     from t2i_recap.train_config import TrainConfig
 
@@ -68,7 +68,7 @@ def test_short_caption_settings_are_checked():
         from_dict(demo.DemoConfig, {"short_caption_weight": 0.3})
     with pytest.raises(ValueError, match="short_caption_weight must be"):
         from_dict(demo.DemoConfig, {"first_sentence_weight": 0.8, "short_caption_weight": 0.3})
-    with pytest.raises(ValueError, match="short_caption must be one of short, no_positions, lead, listing"):
+    with pytest.raises(ValueError, match="short_caption must be one of short, no_positions, lead, listing, first_things"):
         from_dict(demo.DemoConfig, {"first_sentence_weight": 0.2, "short_caption_weight": 0.3,
                                     "short_caption": "first_sentence"})
 
