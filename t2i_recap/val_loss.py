@@ -9,7 +9,9 @@ sample's named captions (`original`, `recaption`, and any in `data.captions`).
 
 The held-out samples are `validation.loss_shards`, or by default the last `validation.holdout_shards`
 of `data.shards`, which are then kept out of training (and the resume check treats that as a change
-of the training data).
+of the training data). They are the first `loss_batches x loss_batch_size` usable samples in shard
+order; with `data.aspect_buckets` each is scored at its own bin's size, as training sees it, and
+they are batched bin by bin (so there may be a few more, smaller batches than `loss_batches`).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ def split_holdout(source, vcfg, data_cfg):
         if shared:
             raise ValueError(f"validation.loss_shards {vcfg.loss_shards!r} shares shards with data.shards "
                              f"({', '.join(shared[:3])}): a validation loss on training samples measures nothing held out")
+        held.buckets = getattr(source, "buckets", None)  # the run's bin table (t2i_recap.buckets.enable_buckets)
         return source, held
     n, total = vcfg.holdout_shards, len(source.shards)
     if total <= n:
@@ -75,13 +78,29 @@ def split_holdout(source, vcfg, data_cfg):
 
 
 def _examples(source) -> Iterator[dict]:
+    """The held-out samples in shard order, each decoded at its aspect bin's size when the source has
+    a bin table, else at the square training resolution."""
+    table = getattr(source, "buckets", None)
     for index in range(len(source.shards)):
         for rec in source.records(index):
-            ex = source.decode(rec)
+            b = source.bucket_of(rec) if table else None
+            ex = source.decode(rec) if b is None else source.decode(rec, table[b])
             if isinstance(ex, Skip):
                 log.warning("validation loss: skipping sample %s of %s: %s", ex.key, ex.shard, ex.reason)
                 continue
+            if table and b is None:
+                raise RuntimeError(f"validation loss: sample {rec.key} of {rec.shard}: its image header gives no "
+                                   "size, yet it decodes")
             yield ex
+
+
+def _batches(examples: Iterator[dict], count: int, size: int) -> list[list[dict]]:
+    """The first `count x size` examples in micro-batches of at most `size`, each of one image size
+    (one aspect bin), in the order each size first appears."""
+    by_size: dict[tuple, list[dict]] = {}
+    for _, ex in zip(range(count * size), examples):
+        by_size.setdefault(tuple(ex["pixels"].shape), []).append(ex)
+    return [group[i:i + size] for group in by_size.values() for i in range(0, len(group), size)]
 
 
 class ValidationLoss:
@@ -91,11 +110,7 @@ class ValidationLoss:
         self.encoder, self.objective, self.cfg = encoder, objective, vcfg
         self.names = tuple(caption_names)
         self.batches: list[dict] = []
-        examples = _examples(source)
-        for _ in range(vcfg.loss_batches):
-            chunk = [ex for _, ex in zip(range(vcfg.loss_batch_size), examples)]
-            if not chunk:
-                break
+        for chunk in _batches(_examples(source), vcfg.loss_batches, vcfg.loss_batch_size):
             feats = encoder.encode_batch(collate(chunk), self.names)
             self.batches.append({k: v.cpu() for k, v in feats.items() if isinstance(v, torch.Tensor)})
         if not self.batches:
@@ -103,7 +118,9 @@ class ValidationLoss:
         self.samples = sum(len(b["mean"]) for b in self.batches)
         self.timesteps = objective.fixed_timesteps(vcfg.loss_timesteps)
         self.history: list[dict] = []
-        log.info("validation loss: %d held-out samples x %d timesteps", self.samples, len(self.timesteps))
+        self.sizes = sorted({tuple(b["mean"].shape[-2:]) for b in self.batches})
+        log.info("validation loss: %d held-out samples x %d timesteps, latents at %s", self.samples,
+                 len(self.timesteps), ", ".join(f"{h}x{w}" for h, w in self.sizes))
 
     def due(self, step: int, last: bool) -> bool:
         every = self.cfg.loss_every_steps

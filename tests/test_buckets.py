@@ -225,6 +225,40 @@ def test_training_on_buckets_resumes_exactly_and_a_cache_trains_the_same(tmp_pat
     assert image.size == (32, 8) and [8, 32] in settings["buckets"]
 
 
+def test_the_validation_loss_scores_each_held_out_photo_at_its_own_bin(tmp_path, train_assets, bucket_shards):
+    import shutil
+
+    from t2i_recap.trainer import Trainer
+
+    held = tmp_path / "held"
+    held.mkdir()
+    shutil.copy(bucket_shards / "00000.tar", held / "held-00000.tar")  # another shard id: kept out of training
+    vloss = {"loss_every_steps": 0, "loss_shards": str(held), "loss_batches": 3, "loss_batch_size": 4,
+             "loss_timesteps": 2}
+    trainer = Trainer(_cfg(train_assets, bucket_shards, tmp_path / "run", trainer={"max_steps": 1}, validation=vloss))
+    table = bucket_table(RES, UNIT)
+    src = _source(bucket_shards)
+    first = [table[src.bucket_of(rec)] for _, rec in zip(range(12), src.records(0))]
+    batches = trainer.val_loss.batches
+    assert trainer.val_loss.samples == 12  # the first 3 x 4 held-out photos, in shard order
+    assert len(batches) > 3  # batched bin by bin
+    assert all(len(b["mean"]) <= 4 for b in batches)
+    seen = Counter()
+    for b in batches:
+        h, w = b["mean"].shape[-2] * 2, b["mean"].shape[-1] * 2  # the tiny VAE downsamples 2x
+        seen[(h, w)] += len(b["mean"])
+    assert seen == Counter(first) and len(seen) > 1  # every photo at its own bin, not the square
+    out = trainer.validation_loss()
+    assert {"val_loss", "val_loss/original", "val_loss/recaption"} <= set(out)
+    assert all(math.isfinite(v) and v > 0 for v in out.values())
+    assert trainer.validation_loss() == out  # fixed timesteps and noise at every size
+
+    square = train_config_dict(train_assets, bucket_shards, tmp_path / "sq", trainer={"max_steps": 1}, validation=vloss)
+    square["data"].update(original_caption="json:org_caption", recaption="txt")  # no aspect_buckets
+    square = Trainer(from_dict(TrainConfig, square))
+    assert [tuple(b["mean"].shape[-2:]) for b in square.val_loss.batches] == [(RES // 2, RES // 2)] * 3
+
+
 def test_the_hf_datasets_route_puts_each_sample_in_the_same_bin(bucket_shards):
     from t2i_recap.data import HFDatasetSource
 
