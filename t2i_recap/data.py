@@ -21,7 +21,9 @@ seeded shuffle buffer. A batch carries the cursor (epoch, offset) of the record 
 the stream at a saved cursor gives exactly the batches an uninterrupted run would have seen.
 DataLoader workers take whole batches in turn (batch b -> worker b % num_workers), so the batch
 order does not depend on the number of workers. With data.aspect_buckets the same stream is grouped
-into one-bucket micro-batches (t2i_recap.buckets) and the cursor counts micro-batches of the epoch.
+into one-bucket micro-batches (t2i_recap.buckets) and the cursor counts micro-batches of the epoch;
+a mixture of data.sources has no epochs, so its bins fill within windows of data.bucket_window draws
+and the cursor is (the mixed cursor at the window's start, micro-batches of the window).
 """
 
 from __future__ import annotations
@@ -96,6 +98,11 @@ class DataConfig:
     bucket_multiple: int | None = None
     """With aspect_buckets: each bin side is a multiple of this many pixels (None: the latent patch, VAE
     downsampling x DiT patch size; a set value must be a multiple of it)."""
+    bucket_window: int | None = None
+    """With aspect_buckets and data.sources (a mixture has no epochs): bins fill within windows of this
+    many draws per rank (None: 32768). What is left in bins that did not fill a micro-batch at a
+    window's end is counted and not trained, as at an epoch's end; a resumed run replays its window
+    from its start, reading image headers only."""
     random_flip: bool = False
     """Horizontal flips; off by default because captions say "left" and "right"."""
     shuffle_buffer: int = 1000
@@ -138,9 +145,8 @@ class DataConfig:
                              "e.g. data.recaption: released:re_caption)")
         if self.sources:
             check_sources(self)
-        if self.aspect_buckets and self.sources:
-            raise ValueError("data.aspect_buckets is not supported with data.sources yet; bucket a single shard set "
-                             "(data.shards or data.hf_dataset)")
+        if self.bucket_window is not None and self.bucket_window < 1:
+            raise ValueError(f"data.bucket_window must be >= 1 draws, got {self.bucket_window}")
         if self.bucket_multiple is not None and self.bucket_multiple < 1:
             raise ValueError(f"data.bucket_multiple must be >= 1, got {self.bucket_multiple}")
         if self.flagged_recaptions not in (None, "keep", "drop", "fallback"):
@@ -537,10 +543,11 @@ class BatchStream(torch.utils.data.IterableDataset):
     """Batches of one rank's stream; each carries "cursor" (resume point) and "skipped" (bad samples)."""
 
     def __init__(self, source, *, batch_size: int, seed: int, rank: int, world: int, buffer: int,
-                 start: tuple[int, int] = (0, 0), random_flip: bool = False, bucketed: bool = False) -> None:
+                 start: tuple[int, int] = (0, 0), random_flip: bool = False, bucketed: bool = False,
+                 window: int | None = None) -> None:
         self.source, self.batch_size, self.seed, self.random_flip = source, batch_size, seed, random_flip
         self.rank, self.world, self.buffer, self.start = rank, world, buffer, tuple(start)
-        self.bucketed = bucketed
+        self.bucketed, self.window = bucketed, window or BUCKET_WINDOW
         if bucketed and not getattr(source, "buckets", None):
             raise ValueError("a bucketed stream needs a source with aspect buckets (t2i_recap.buckets.enable_buckets)")
 
@@ -583,9 +590,14 @@ class BatchStream(torch.utils.data.IterableDataset):
         """Micro-batches of one aspect bucket each (t2i_recap.buckets.BucketBatcher). The cursor is
         (epoch, micro-batches of that epoch so far): a resumed run replays its epoch from the start,
         reading headers only, and skips the micro-batches it trained."""
-        epoch, done = self.start
-        stream = rank_records(self.source, seed=self.seed, rank=self.rank, world=self.world, buffer=self.buffer,
-                              start=(epoch, 0))
+        kw = dict(seed=self.seed, rank=self.rank, world=self.world, buffer=self.buffer)
+        mixed = getattr(self.source, "mixed_records", None)  # data.sources: windows of draws, not epochs
+        if mixed is None:
+            epoch, done = self.start
+            stream = rank_records(self.source, **kw, start=(epoch, 0))
+        else:
+            base, done = self._window_start()
+            epoch, stream = base[0] // self.window, windowed(mixed(**kw, start=base), self.window, base)
         dropped = getattr(self.source, "is_dropped", None)
         pending = {"left_out": 0, "skipped": [], "remainder": 0}
 
@@ -600,8 +612,8 @@ class BatchStream(torch.utils.data.IterableDataset):
         for item in BucketBatcher(kept(), self.source.bucket_of, self.batch_size):
             if item[0] == "remainder":
                 if item[2]:
-                    log.info("epoch %d: %d samples left in aspect buckets that did not fill a micro-batch",
-                             item[1], item[2])
+                    log.info("%s %d: %d samples left in aspect buckets that did not fill a micro-batch",
+                             "epoch" if mixed is None else "window", item[1], item[2])
                 pending["remainder"] += item[2]
                 continue
             ep, index, chunk = item
@@ -619,7 +631,7 @@ class BatchStream(torch.utils.data.IterableDataset):
             mine, b = b % workers == worker, b + 1
             if mine:
                 batch = self._batch(chunk, size=table[index])
-                batch["cursor"] = [ep, count]
+                batch["cursor"] = [ep, count] if mixed is None else [*chunk[0][0][1], count]
                 batch["skipped"] += len(pending["skipped"])
                 batch["dropped_flagged"] += pending["left_out"] + sum(s.reason.startswith(FLAGGED)
                                                                       for s in pending["skipped"])
@@ -628,6 +640,16 @@ class BatchStream(torch.utils.data.IterableDataset):
             pending = {"left_out": 0, "skipped": [], "remainder": 0}
             if mine:
                 yield batch
+
+    def _window_start(self) -> tuple[tuple, int]:
+        """(the mixed cursor at the start of the window to replay, micro-batches of it already trained)."""
+        n = len(self.source.subs)
+        if len(self.start) == 2 + 2 * n:  # a bucketed mixture's own cursor
+            return tuple(self.start[:-1]), int(self.start[-1])
+        if len(self.start) != 2:
+            raise ValueError(f"data cursor {list(self.start)} is not a bucketed cursor of {n} sources (was data.sources "
+                             "or data.aspect_buckets changed?)")
+        return (0, *[v for _ in range(n) for v in (self.start[0], 0)]), 0  # every source from that epoch
 
     def _unreadable(self, rec: Record) -> Skip:
         ex = self.source.decode(rec)
@@ -657,11 +679,29 @@ class BatchStream(torch.utils.data.IterableDataset):
         return batch
 
 
+BUCKET_WINDOW = 32768
+"""Draws per rank in which a bucketed mixture of data.sources fills its bins (data.bucket_window)."""
+
+
+def windowed(stream: Iterator, window: int, base: tuple) -> Iterator[tuple[tuple, Record]]:
+    """A mixed record stream (cursor after each record, record) cut into windows of `window` draws:
+    yields ((window index, mixed cursor at the window's start), record). `base` is the cursor the
+    stream starts at, itself the start of a window."""
+    start, current = tuple(base), base[0] // window
+    last = start
+    for cursor, rec in stream:
+        w = (cursor[0] - 1) // window
+        if w != current:
+            current, start = w, last
+        last = tuple(cursor)
+        yield (w, start), rec
+
+
 def make_loader(source, *, batch_size: int, seed: int, rank: int, world: int, buffer: int,
                 num_workers: int, start: tuple[int, int] = (0, 0), random_flip: bool = False,
-                bucketed: bool = False) -> torch.utils.data.DataLoader:
+                bucketed: bool = False, window: int | None = None) -> torch.utils.data.DataLoader:
     stream = BatchStream(source, batch_size=batch_size, seed=seed, rank=rank, world=world, buffer=buffer,
-                         start=start, random_flip=random_flip, bucketed=bucketed)
+                         start=start, random_flip=random_flip, bucketed=bucketed, window=window)
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
                                        persistent_workers=num_workers > 0, worker_init_fn=_ignore_stop_signals)
 

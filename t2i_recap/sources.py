@@ -121,9 +121,23 @@ class MixedSource:
         j, i = self.where[index]
         return {**self.subs[j].shard_content(i), "source": self.names[j]}
 
-    def decode(self, rec):
+    def decode(self, rec, size: tuple[int, int] | None = None):
         j, inner = rec.payload
-        return self.subs[j].decode(inner)
+        return self.subs[j].decode(inner) if size is None else self.subs[j].decode(inner, size)
+
+    @property
+    def buckets(self) -> list[tuple[int, int]] | None:
+        """The aspect-bucket table (data.aspect_buckets), the same in every source."""
+        return getattr(self.subs[0], "buckets", None)
+
+    @buckets.setter
+    def buckets(self, table) -> None:
+        for sub in self.subs:
+            sub.buckets = table
+
+    def bucket_of(self, rec) -> int | None:
+        j, inner = rec.payload
+        return self.subs[j].bucket_of(inner)
 
     def is_dropped(self, rec) -> bool:
         j, inner = rec.payload

@@ -664,7 +664,8 @@ class Trainer:
         t = self.cfg.trainer
         loader = make_loader(self.source, batch_size=t.micro_batch_size, seed=t.seed, rank=self.rank, world=self.world,
                              buffer=self.cfg.data.shuffle_buffer, num_workers=self.cfg.data.num_workers,
-                             start=self.cursor, random_flip=self.cfg.data.random_flip, bucketed=bool(self.buckets))
+                             start=self.cursor, random_flip=self.cfg.data.random_flip, bucketed=bool(self.buckets),
+                             window=self.cfg.data.bucket_window)
         pin_loader(loader, self.acc.device)
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step",
                    disable=not self.acc.is_local_main_process, dynamic_ncols=True)

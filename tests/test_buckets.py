@@ -148,9 +148,102 @@ def test_a_stream_without_a_table_is_refused(bucket_shards):
                                   recaption="txt"))
     with pytest.raises(ValueError, match="needs a source with aspect buckets"):
         BatchStream(src, batch_size=2, seed=0, rank=0, world=1, buffer=8, bucketed=True)
-    with pytest.raises(ValueError, match="not supported with data.sources"):
+    with pytest.raises(ValueError, match="bucket_window must be >= 1"):
         from_dict(DataConfig, {"sources": [{"name": "web", "shards": str(bucket_shards), "weight": 1.0}],
-                               "original_caption": "json:org_caption", "recaption": "txt", "aspect_buckets": True})
+                               "original_caption": "json:org_caption", "recaption": "txt", "aspect_buckets": True,
+                               "bucket_window": 0})
+
+
+# ---------------------------------------------------------------- buckets over data.sources
+
+
+@pytest.fixture(scope="module")
+def second_photos(tmp_path_factory):
+    """Another img2dataset shard (over 127.0.0.1): only the wide and tall cuts of the photos (12)."""
+    from fixtures_real import img2dataset_shards
+
+    root = tmp_path_factory.mktemp("second_photos")
+    files = {n: b for n, b in bucket_photos().items() if _aspect(n) in ("wide", "tall")}
+    return img2dataset_shards(files, root / "shards", "jpg", root / "work")
+
+
+def _sources(bucket_shards, second_photos) -> list[dict]:
+    return [{"name": "photos", "shards": str(bucket_shards), "weight": 2.0},
+            {"name": "more", "shards": str(second_photos), "weight": 1.0}]
+
+
+def _mixed(bucket_shards, second_photos):
+    src = build_source(from_dict(DataConfig, {"sources": _sources(bucket_shards, second_photos), "resolution": RES,
+                                              "shuffle_buffer": 8, "original_caption": "json:org_caption",
+                                              "recaption": "txt", "aspect_buckets": True}))
+    src.buckets = bucket_table(RES, UNIT)
+    return src
+
+
+def test_a_bucketed_mixture_fills_its_bins_in_windows_and_resumes_exactly(bucket_shards, second_photos):
+    window = 10
+    kw = dict(batch_size=BATCH, seed=2, rank=0, world=1, buffer=8, bucketed=True, window=window)
+    straight = _take(BatchStream(_mixed(bucket_shards, second_photos), **kw), 40)
+    for b in straight:
+        h, w = map(int, b["bucket"].split("x"))
+        assert b["pixels"].shape == (BATCH, 3, h, w)
+        photos = [c.removeprefix("org caption of ") for c in b["original"]]  # keys repeat across sources
+        assert len({_aspect(n) for n in photos}) == 1  # one bin per micro-batch, across sources
+        assert len(b["cursor"]) == 2 + 2 * 2 and b["cursor"][0] % window == 0  # (window's start, count)
+    # every window's draws are trained or counted as left in a bin that did not fill a micro-batch
+    starts = sorted({b["cursor"][0] for b in straight})
+    for w in starts[:-1]:
+        trained = sum(len(b["key"]) for b in straight if b["cursor"][0] == w)
+        nxt = next(b for b in straight if b["cursor"][0] > w)
+        assert nxt["cursor"][0] == w + window and trained + nxt["bucket_remainder"] == window, w
+    assert any(b["bucket_remainder"] for b in straight)
+    # resumed at a batch's cursor (mid-window and at a window's last batch): the same batches follow
+    last_of_window = max(i for i, b in enumerate(straight) if b["cursor"][0] == starts[2])
+    for cut in (5, last_of_window):
+        resumed = _take(BatchStream(_mixed(bucket_shards, second_photos), start=tuple(straight[cut]["cursor"]), **kw),
+                        len(straight) - cut - 1)
+        for a, b in zip(straight[cut + 1:], resumed):
+            assert (a["key"], a["cursor"], a["bucket"], a["bucket_remainder"]) == \
+                (b["key"], b["cursor"], b["bucket"], b["bucket_remainder"])
+            assert torch.equal(a["pixels"], b["pixels"])
+
+
+def test_training_on_a_bucketed_mixture_resumes_exactly_and_a_cache_trains_the_same(tmp_path, train_assets,
+                                                                                     bucket_shards, second_photos):
+    from test_train_loop import _assert_close, _tensors
+
+    from t2i_recap import prepare
+    from t2i_recap.config import to_dict
+    from t2i_recap.trainer import train
+    from fixtures_train import write_config
+
+    def cfg(run, **sections):
+        d = train_config_dict(train_assets, bucket_shards, tmp_path / run, **sections)
+        d["data"] = {k: v for k, v in d["data"].items() if k not in ("shards", "recaption_dir")}
+        d["data"].update(sources=_sources(bucket_shards, second_photos), original_caption="json:org_caption",
+                         recaption="txt", aspect_buckets=True, bucket_window=12)
+        return from_dict(TrainConfig, d)
+
+    common = dict(mixing={"p": 0.5}, trainer={"max_steps": 8}, checkpoint={"every_steps": 4, "keep": 3})
+    summary = train(cfg("straight", **common))
+    counts = summary["mix_counts"]
+    assert summary["step"] == 8 and sum(counts["buckets"].values()) == 8 * 4 and len(counts["buckets"]) > 1
+    train(cfg("resumed", **{**common, "trainer": {"max_steps": 4}}))
+    again = train(cfg("resumed", **common), resume="latest")
+    assert again["mix_counts"] == counts and counts["bucket_remainder"] > 0  # 12-draw windows leave some
+    for name in ("model", "ema", "optimizer"):
+        _assert_close(_tensors(tmp_path / "straight", 8, name), _tensors(tmp_path / "resumed", 8, name))
+
+    cached_cfg = cfg("cached", **common, features={"cache_dir": str(tmp_path / "cache")})
+    assert prepare.main(["--config", str(write_config(tmp_path / "c.yaml", to_dict(cached_cfg)))]) == 0
+    from safetensors import safe_open
+
+    for name in ("photos.00000", "more.00000"):  # one file per source shard, latents at each bin's size
+        with safe_open(str(tmp_path / "cache" / f"{name}.safetensors"), "pt") as f:
+            assert len({k for k in f.keys() if k.startswith("mean@")}) == (4 if name.startswith("photos") else 2)
+    cached = train(cached_cfg)
+    assert cached["mix_counts"] == counts
+    _assert_close(_tensors(tmp_path / "straight", 8, "model"), _tensors(tmp_path / "cached", 8, "model"), atol=1e-5)
 
 
 # ---------------------------------------------------------------- the trainer
