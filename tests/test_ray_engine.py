@@ -161,7 +161,7 @@ class _WaitsForRay:
         return getattr(self.inner, name)
 
     def generate(self, prepared, max_new_tokens=128):
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 600  # Ray workers start slowly on 2 busy cores
         while not self.waited and not any(p != os.getpid() for p in _claim_holders(self.out).values()):
             assert time.monotonic() < deadline, "no Ray worker claimed a shard"
             time.sleep(0.01)
